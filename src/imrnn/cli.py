@@ -1,6 +1,5 @@
 """The `imrnn` command: one thin sub-command per pipeline stage, plus `run` for the whole pipeline."""
 
-from __future__ import annotations
 
 import json
 import sys
@@ -72,7 +71,11 @@ def search(
 
 @app.command()
 def evaluate(
-    run: Path = typer.Option(..., "--run", "-r", help="TREC run file to score."),
+    run: Optional[Path] = typer.Option(None, "--run", "-r", help="TREC run file to score."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Evaluate a trained adapter (base vs adapted) instead of a run."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="With --checkpoint: also write the adapted TREC run here."),
+    k: int = typer.Option(100, "--k", "-k", help="With --checkpoint: first-stage candidates to re-rank."),
+    device: str = DeviceOpt,
     dataset: Optional[str] = DatasetOpt,
     qrels: Optional[Path] = typer.Option(None, "--qrels", help="Qrels file (BEIR TSV or TREC) instead of --dataset."),
     split: str = SplitOpt,
@@ -83,11 +86,16 @@ def evaluate(
     cache_dir: Optional[Path] = CacheDirOpt,
     no_download: bool = NoDownloadOpt,
 ) -> None:
-    """Score a TREC run against qrels with pytrec_eval (optionally against a second run)."""
+    """Score a TREC run against qrels with pytrec_eval (optionally against a second run), or a checkpoint."""
     from .data import load_dataset, read_qrels
     from .evaluate import evaluate_run, evaluated_queries, paired_test, per_query, read_run
 
+    if checkpoint is not None:
+        _evaluate_checkpoint(checkpoint, dataset, split, k, output, as_json, device, data_dir, cache_dir, no_download)
+        return
     try:
+        if run is None:
+            raise IMRNNError("Give --run FILE (a TREC run) or --checkpoint DIR (a trained adapter).")
         if (dataset is None) == (qrels is None):
             raise IMRNNError("Give exactly one of --dataset NAME (with --split) or --qrels FILE.")
         judgements = read_qrels(qrels) if qrels else load_dataset(dataset, data_dir, cache_dir, not no_download).split(split).qrels
@@ -105,6 +113,38 @@ def evaluate(
         typer.echo(json.dumps(result, indent=2))
         return
     _print_metrics(result, run, compare)
+
+
+def _evaluate_checkpoint(checkpoint: Path, dataset: Optional[str], split: str, k: int, output: Optional[Path],
+                         as_json: bool, device: str, data_dir: Optional[str], cache_dir: Optional[Path], no_download: bool) -> None:
+    """Base vs adapted for a checkpoint on one split of a dataset; unseen-relevant = w.r.t. all other splits."""
+    from .checkpoint import load_checkpoint
+    from .data import load_dataset
+    from .encode import Encoder
+    from .evaluate import write_run
+    from .pipeline import Prepared, evaluate_adapter
+
+    try:
+        if dataset is None:
+            raise IMRNNError("--checkpoint needs --dataset NAME to evaluate on.")
+        ckpt = load_checkpoint(checkpoint, device)
+        data = load_dataset(dataset, data_dir, cache_dir, not no_download)
+        queries = data.split(split)
+        encoder = Encoder(ckpt.encoder, device)
+        prepared = Prepared.build(data, encoder, cache_dir, k)
+        if prepared.doc_embs.shape[1] != ckpt.model_config.embedding_dim:
+            raise IMRNNError(f"Encoder gives {prepared.doc_embs.shape[1]}-d embeddings; the checkpoint expects {ckpt.model_config.embedding_dim}.")
+        seen = {q: docs for name, qrels in data.qrels.items() if name != split for q, docs in qrels.items()}
+        report, adapted_run = evaluate_adapter(ckpt.model, prepared, queries, seen)
+        report["split"] = split
+        if output is not None:
+            write_run(output, adapted_run, tag="imrnn")
+    except IMRNNError as err:
+        _fail(err)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        _print_report(report)
 
 
 def _print_metrics(result: dict, run: Path, compare: Optional[Path]) -> None:
@@ -125,6 +165,196 @@ def _print_metrics(result: dict, run: Path, compare: Optional[Path]) -> None:
             row += [f"{result['compare']['metrics'][name]:.4f}", f"{test['t_test']:.3g}", f"{test['randomization']:.3g}"]
         table.add_row(*row)
     Console().print(table)
+
+
+def _encoder(model: Optional[str], precision: str, device: str, batch_size: int):
+    from .encode import Encoder, EncoderConfig
+
+    return Encoder(EncoderConfig(**({"model": model} if model else {}), precision=precision), device, batch_size)
+
+
+def _train_and_report(
+    dataset: str, output: Optional[Path], train_split: str, validation_split: str, test_split: Optional[str],
+    model_config, train_config, k: int, model: Optional[str], precision: str, device: str, batch_size: int,
+    data_dir: Optional[str], cache_dir: Optional[Path], no_download: bool, drop_unknown: bool,
+) -> tuple[dict, Path]:
+    """Shared by `train` and `run`: encode (or reuse), train, evaluate on the test split, save the checkpoint."""
+    from .checkpoint import save_checkpoint
+    from .data import default_cache_dir, load_dataset
+    from .pipeline import Prepared, checkpoint_from, evaluate_adapter, fit, validation_split as split_validation
+
+    data = load_dataset(dataset, data_dir, cache_dir, not no_download, drop_unknown)
+    prepared = Prepared.build(data, _encoder(model, precision, device, batch_size), cache_dir, k)
+    train_q, val_q = split_validation(data, train_split, validation_split, train_config.validation_fraction, train_config.seed)
+    _info(f"{data.name}: {len(data.corpus)} documents; train {len(train_q)} / validation {len(val_q)} queries")
+    result = fit(prepared, train_q, val_q, model_config, train_config, device)
+    _info(f"trained in {result.seconds:.1f}s; best epoch {result.best_epoch}, validation nDCG@10 {result.best_validation:.4f}")
+    report = None
+    if test_split is not None and test_split in data.splits:
+        train_qrels = {**data.qrels[train_split], **val_q.qrels}
+        report, _ = evaluate_adapter(result.model, prepared, data.split(test_split), train_qrels)
+        report["split"] = test_split
+    target = output or Path(cache_dir or default_cache_dir()) / "checkpoints" / f"{data.name}-seed{train_config.seed}"
+    save_checkpoint(checkpoint_from(result, prepared, train_config, train_q, val_q, report), target)
+    return report or {}, target
+
+
+def _build_configs(flags: dict, k: int, embedding_dim: int):
+    """Map the training flags one-to-one onto IMRNNConfig and TrainConfig."""
+    from .model import IMRNNConfig
+    from .train import TrainConfig
+
+    model_fields = {"working_dim", "hidden_dim", "dropout", "feedback_docs", "iterations"}
+    model_config = IMRNNConfig(
+        embedding_dim=embedding_dim,
+        identity_init=flags["working_dim"] is None,
+        use_query_adapter=not flags["no_query_adapter"],
+        use_doc_adapter=not flags["no_doc_adapter"],
+        **{k_: v for k_, v in flags.items() if k_ in model_fields},
+    )
+    skip = model_fields | {"no_query_adapter", "no_doc_adapter", "train_batch_size"}
+    train_config = TrainConfig(batch_size=flags["train_batch_size"], candidates=k,
+                               **{k_: v for k_, v in flags.items() if k_ not in skip})
+    return model_config, train_config
+
+
+def _training_options(func):
+    """Decorator adding one CLI flag per IMRNNConfig / TrainConfig field (defaults come from the dataclasses)."""
+    import inspect
+
+    from .model import IMRNNConfig
+    from .train import TrainConfig
+
+    m, t = IMRNNConfig(), TrainConfig()
+    extra = {
+        "seed": (int, t.seed, "Seed for initialisation, shuffling and the validation carve-out."),
+        "loss": (str, t.loss, "Training loss: listwise (softmax over the candidate list) or margin (hinge vs hard negatives)."),
+        "epochs": (int, t.epochs, "Maximum epochs."),
+        "lr": (float, t.lr, "AdamW learning rate."),
+        "weight_decay": (float, t.weight_decay, "AdamW weight decay."),
+        "temperature": (float, t.temperature, "Softmax temperature of the listwise loss."),
+        "margin": (float, t.margin, "Hinge margin of the margin loss."),
+        "hard_negatives": (int, t.hard_negatives, "Hardest candidates used as negatives per positive (margin loss)."),
+        "bm25_negatives": (int, t.bm25_negatives, "Extra BM25 negatives (bm25s) appended to each training candidate list."),
+        "max_added_positives": (int, t.max_added_positives, "Positives the first stage missed that are put into a training list."),
+        "validation_fraction": (float, t.validation_fraction, "Share of training queries carved out for validation."),
+        "patience": (int, t.patience, "Stop after this many epochs without a better validation nDCG@10."),
+        "train_batch_size": (int, t.batch_size, "Queries per training step."),
+        "working_dim": (Optional[int], m.working_dim, "Working-space dimension (default: square, identity-initialised)."),
+        "hidden_dim": (int, m.hidden_dim, "Hidden width of each adapter MLP."),
+        "dropout": (float, m.dropout, "Dropout inside the adapters."),
+        "feedback_docs": (int, m.feedback_docs, "Top-m candidates the document adapter reads (feedback size)."),
+        "iterations": (int, m.iterations, "Modulate/refine rounds (the refined query conditions the documents again)."),
+        "no_query_adapter": (bool, False, "Ablation: disable the query adapter A_q."),
+        "no_doc_adapter": (bool, False, "Ablation: disable the document adapter A_d."),
+    }
+    signature = inspect.signature(func)
+    params = [p for p in signature.parameters.values() if p.name != "flags"]
+    for name, (kind, default, help_text) in extra.items():
+        option = typer.Option(default, f"--{name.replace('_', '-')}", help=help_text)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
+
+    def wrapper(**kwargs):
+        own = {k: kwargs.pop(k) for k in list(kwargs) if k in extra}
+        return func(**kwargs, flags=own)
+
+    wrapper.__signature__ = signature.replace(parameters=params)
+    wrapper.__name__, wrapper.__doc__ = func.__name__, func.__doc__
+    return wrapper
+
+
+@app.command()
+@_training_options
+def train(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="BEIR dataset name or folder path."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Checkpoint folder to write [default: <cache>/checkpoints/<dataset>-seed<seed>]."),
+    train_split: str = typer.Option("train", "--train-split", help="Split whose queries train the adapter."),
+    validation_split: str = typer.Option("auto", "--validation-split", help="'auto' (dev if present, else carve), 'carve', or a split name."),
+    test_split: Optional[str] = typer.Option("test", "--test-split", help="Split evaluated after training (skipped if absent)."),
+    k: int = typer.Option(100, "--k", "-k", help="First-stage candidates the adapter re-ranks (K)."),
+    model: Optional[str] = ModelOpt,
+    precision: str = PrecisionOpt,
+    device: str = DeviceOpt,
+    batch_size: int = BatchOpt,
+    data_dir: Optional[str] = DataDirOpt,
+    cache_dir: Optional[Path] = CacheDirOpt,
+    no_download: bool = NoDownloadOpt,
+    drop_unknown: bool = DropUnknownOpt,
+    flags: dict = None,  # type: ignore[assignment]
+) -> None:
+    """Train IMRNN adapters on a dataset's training queries, evaluate on the test split, save a checkpoint."""
+    _train_command(locals(), require_test=False)
+
+
+@app.command()
+@_training_options
+def run(
+    dataset: str = typer.Option("scifact", "--dataset", "-d", help="BEIR dataset name or folder path."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Checkpoint folder to write [default: <cache>/checkpoints/<dataset>-seed<seed>]."),
+    train_split: str = typer.Option("train", "--train-split", help="Split whose queries train the adapter."),
+    validation_split: str = typer.Option("auto", "--validation-split", help="'auto' (dev if present, else carve), 'carve', or a split name."),
+    test_split: str = typer.Option("test", "--test-split", help="Split to evaluate on."),
+    k: int = typer.Option(100, "--k", "-k", help="First-stage candidates the adapter re-ranks (K)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the evaluation report as JSON instead of a table."),
+    model: Optional[str] = ModelOpt,
+    precision: str = PrecisionOpt,
+    device: str = DeviceOpt,
+    batch_size: int = BatchOpt,
+    data_dir: Optional[str] = DataDirOpt,
+    cache_dir: Optional[Path] = CacheDirOpt,
+    no_download: bool = NoDownloadOpt,
+    drop_unknown: bool = DropUnknownOpt,
+    flags: dict = None,  # type: ignore[assignment]
+) -> None:
+    """The whole pipeline: encode (or reuse the cache) -> base top-K -> train adapters -> evaluate base vs adapted."""
+    _train_command(locals(), require_test=True)
+
+
+def _train_command(args: dict, require_test: bool) -> None:
+    try:
+        if require_test and args["test_split"] is None:
+            raise IMRNNError("`imrnn run` needs a --test-split to evaluate on.")
+        encoder = _encoder(args["model"], args["precision"], args["device"], args["batch_size"])
+        model_config, train_config = _build_configs(args["flags"], args["k"], encoder.dimension)
+        report, target = _train_and_report(
+            args["dataset"], args["output"], args["train_split"], args["validation_split"], args["test_split"],
+            model_config, train_config, args["k"], args["model"], args["precision"], args["device"],
+            args["batch_size"], args["data_dir"], args["cache_dir"], args["no_download"], args["drop_unknown"],
+        )
+        if require_test and not report:
+            raise IMRNNError(f"Dataset {args['dataset']!r} has no split {args['test_split']!r} to evaluate on; pass --test-split.")
+    except IMRNNError as err:
+        _fail(err)
+    if args.get("as_json"):
+        typer.echo(json.dumps(report, indent=2))
+    elif report:
+        _print_report(report)
+    _info(f"checkpoint saved to {target}")
+
+
+def _print_report(report: dict) -> None:
+    """Base vs adapted as a table, with the paired test, wins/losses and the unseen-relevant subset."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{report.get('split', 'test')}: {report['queries']} queries, top-{report.get('k', '?')} re-ranked")
+    for column in ("measure", "base", "adapted", "delta", "paired t p"):
+        table.add_column(column, justify="left" if column == "measure" else "right")
+    for name, base in report["base"].items():
+        adapted = report["adapted"][name]
+        p = report["p_value"].get(name)
+        table.add_row(name, f"{base:.4f}", f"{adapted:.4f}", f"{adapted - base:+.4f}", "" if p is None else f"{p:.2g}")
+    console = Console()
+    console.print(table)
+    console.print(f"queries improved / worsened on nDCG@10: {report['improved']} / {report['worsened']}")
+    unseen = report["unseen_relevant"]
+    if unseen["queries"]:
+        console.print(
+            f"unseen-relevant subset ({unseen['queries']} queries whose relevant documents no training query has): "
+            f"nDCG@10 {unseen['base']['nDCG@10']:.4f} -> {unseen['adapted']['nDCG@10']:.4f}"
+        )
+    else:
+        console.print("unseen-relevant subset: empty (every test query has a relevant document seen in training)")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,0 +1,119 @@
+"""Checkpoint folders: `config.json` + `model.safetensors`, written atomically, loaded strictly, never unpickled."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .encode import EncoderConfig
+from .errors import CheckpointError, ConfigError
+from .model import IMRNN, IMRNNConfig
+from .train import TrainConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = 1
+
+
+@dataclass
+class Checkpoint:
+    """A trained adapter with everything needed to use and audit it."""
+
+    model: IMRNN
+    encoder: EncoderConfig
+    train_config: TrainConfig | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_config(self) -> IMRNNConfig:
+        return self.model.config
+
+
+def save_checkpoint(checkpoint: Checkpoint, directory: str | Path) -> Path:
+    """Write the folder atomically: build it beside the target, then rename over it."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "library": "imrnn",
+        "library_version": __version__,
+        "model_config": checkpoint.model.config.to_dict(),
+        "train_config": checkpoint.train_config.to_dict() if checkpoint.train_config else None,
+        "encoder": {**checkpoint.encoder.__dict__, "dimension": checkpoint.model.config.embedding_dim},
+        **checkpoint.metadata,
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in checkpoint.model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": str(FORMAT)})
+        (tmp / CONFIG_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default))
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old{os.getpid()}")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def load_checkpoint(directory: str | Path, device: str = "cpu", expected_dim: int | None = None) -> Checkpoint:
+    """Rebuild the adapter from the folder alone; any missing, extra, misshapen or non-finite weight is an error."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a checkpoint folder. Train one with `imrnn train --output {directory}`.")
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise CheckpointError(f"Checkpoint {directory} is incomplete: {path.name} is missing. Re-train or re-copy the folder.")
+    try:
+        payload = json.loads(config_path.read_text())
+        model_config = IMRNNConfig.from_dict(payload["model_config"])
+        encoder_fields = {k: v for k, v in payload["encoder"].items() if k != "dimension"}
+        encoder = EncoderConfig(**encoder_fields)
+        train_config = TrainConfig.from_dict(payload["train_config"]) if payload.get("train_config") else None
+    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as err:
+        raise CheckpointError(f"{config_path} is not a valid imrnn checkpoint config ({err}).") from None
+    if payload.get("format") != FORMAT:
+        raise CheckpointError(f"{config_path}: checkpoint format {payload.get('format')!r}, this imrnn reads format {FORMAT}.")
+    if expected_dim is not None and expected_dim != model_config.embedding_dim:
+        raise CheckpointError(
+            f"The checkpoint's adapter expects {model_config.embedding_dim}-d embeddings but the encoder gives "
+            f"{expected_dim}-d. Use the encoder it was trained with ({payload['encoder'].get('model')})."
+        )
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file ({err}).") from None
+    model = IMRNN(model_config)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{weights_path}: missing tensors {missing}, unexpected tensors {unexpected}; the file does not match config.json.")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(f"{weights_path}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name].shape)}.")
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{weights_path}: tensor {name} holds NaN or Inf values; the checkpoint is corrupt.")
+    model.load_state_dict(state, strict=True)
+    model.to(device).eval()
+    metadata = {k: v for k, v in payload.items() if k not in ("model_config", "train_config", "encoder")}
+    return Checkpoint(model, encoder, train_config, metadata)
