@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .encode import EncoderConfig
 from .errors import CheckpointError, ConfigError
-from .model import IMRNN, IMRNNConfig
-from .train import TrainConfig
+from .config import IMRNNConfig, TrainConfig
+from .model import IMRNN
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

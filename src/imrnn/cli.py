@@ -201,8 +201,7 @@ def _train_and_report(
 
 def _build_configs(flags: dict, k: int, embedding_dim: int):
     """Map the training flags one-to-one onto IMRNNConfig and TrainConfig."""
-    from .model import IMRNNConfig
-    from .train import TrainConfig
+    from .config import IMRNNConfig, TrainConfig
 
     model_fields = {"working_dim", "hidden_dim", "dropout", "feedback_docs", "iterations"}
     model_config = IMRNNConfig(
@@ -222,8 +221,7 @@ def _training_options(func):
     """Decorator adding one CLI flag per IMRNNConfig / TrainConfig field (defaults come from the dataclasses)."""
     import inspect
 
-    from .model import IMRNNConfig
-    from .train import TrainConfig
+    from .config import IMRNNConfig, TrainConfig
 
     m, t = IMRNNConfig(), TrainConfig()
     extra = {

@@ -266,9 +266,10 @@ def download_beir(name: str, cache_dir: str | Path | None = None, url: str | Non
         extract = Path(tmp) / "extract"
         try:
             with zipfile.ZipFile(archive) as zf:
+                root = extract.resolve()
                 for member in zf.namelist():
                     resolved = (extract / member).resolve()
-                    if not str(resolved).startswith(str(extract.resolve())):
+                    if not resolved.is_relative_to(root):
                         raise DataError(f"{url}: archive member {member!r} escapes the target folder; refusing it.")
                 zf.extractall(extract)
         except zipfile.BadZipFile:
@@ -330,16 +331,53 @@ def _shuffled(ids: Sequence[str], seed: int) -> list[str]:
     return ordered
 
 
-def carve_validation(queries: QuerySet, fraction: float = 0.15, seed: int = 42) -> tuple[QuerySet, QuerySet]:
-    """Split a training query set into (train, validation) by a seeded fraction of queries."""
+def carve_validation(
+    queries: QuerySet, fraction: float = 0.15, seed: int = 42, disjoint: bool = False
+) -> tuple[QuerySet, QuerySet]:
+    """Split a training query set into (train, validation) by a seeded fraction of queries.
+
+    With `disjoint`, queries that share a relevant document stay on the same side, so validation measures
+    generalisation to documents training never saw as relevant (no leakage through shared positives).
+    """
     if not 0.0 < fraction < 1.0:
         raise DataError(f"Validation fraction must be in (0, 1), got {fraction}.")
-    order = _shuffled(queries.ids, seed)
-    n_val = max(1, round(len(order) * fraction))
-    if n_val >= len(order):
-        raise DataError(f"Split {queries.name!r} has {len(order)} queries: too few to carve a validation part.")
-    val, train = sorted(order[:n_val], key=_natural_key), sorted(order[n_val:], key=_natural_key)
-    return queries.subset(train, queries.name), queries.subset(val, "validation")
+    groups = _relevance_groups(queries) if disjoint else [[q] for q in queries.ids]
+    order = random.Random(seed).sample(sorted(groups, key=lambda g: _natural_key(g[0])), len(groups))
+    target = max(1, round(len(queries) * fraction))
+    val: list[str] = []
+    for group in order:
+        if len(val) >= target:
+            break
+        val.extend(group)
+    if len(val) >= len(queries):
+        raise DataError(f"Split {queries.name!r} has {len(queries)} queries: too few to carve a validation part.")
+    chosen = set(val)
+    train = [q for q in queries.ids if q not in chosen]
+    return queries.subset(sorted(train, key=_natural_key), queries.name), queries.subset(sorted(val, key=_natural_key), "validation")
+
+
+def _relevance_groups(queries: QuerySet) -> list[list[str]]:
+    """Connected components of queries linked by a shared relevant document (union-find)."""
+    parent = {q: q for q in queries.ids}
+
+    def root(q: str) -> str:
+        while parent[q] != q:
+            parent[q] = parent[parent[q]]
+            q = parent[q]
+        return q
+
+    owner: dict[str, str] = {}
+    for q in queries.ids:
+        for doc, grade in queries.qrels[q].items():
+            if grade > 0:
+                if doc in owner:
+                    parent[root(q)] = root(owner[doc])
+                else:
+                    owner[doc] = q
+    groups: dict[str, list[str]] = {}
+    for q in sorted(queries.ids, key=_natural_key):
+        groups.setdefault(root(q), []).append(q)
+    return list(groups.values())
 
 
 def random_splits(

@@ -191,6 +191,10 @@ def encode_cached(
     """
     if len(ids) != len(texts):
         raise ConfigError(f"ids and texts differ in length ({len(ids)} vs {len(texts)}).")
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be positive, got {chunk_size}.")
+    if len(texts) == 0:
+        return np.zeros((0, encoder.dimension), dtype=np.float32)
     prefix = encoder.config.query_prefix if kind == "query" else encoder.config.passage_prefix
     manifest = cache_manifest(encoder, ids, texts, prefix)
     key = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:20]
@@ -209,25 +213,29 @@ def encode_cached(
         _write_json_atomic(partial / "manifest.json", manifest)
         order = np.argsort([len(t) for t in texts], kind="stable")
         starts = range(0, len(texts), chunk_size)
-        todo = [s for s in starts if not (partial / f"chunk_{s // chunk_size:06d}.npy").exists()]
+
+        def chunk_file(start: int) -> Path:  # named by rows, so a resume with another chunk_size never misreads one
+            return partial / f"chunk_{start:09d}_{min(chunk_size, len(texts) - start):06d}.npy"
+
+        todo = [s for s in starts if not chunk_file(s).exists()]
         bar = tqdm(total=len(texts), initial=len(texts) - sum(min(chunk_size, len(texts) - s) for s in todo),
                    desc=f"encoding {kind}s", unit=kind[0], disable=not progress, dynamic_ncols=True)
         for start in todo:
             chunk = order[start : start + chunk_size]
             embs = encoder.encode([texts[i] for i in chunk], prefix)
-            _save_npy_atomic(partial / f"chunk_{start // chunk_size:06d}.npy", embs)
+            _save_npy_atomic(chunk_file(start), embs)
             bar.update(len(chunk))
         bar.close()
-        first = np.load(partial / "chunk_000000.npy", mmap_mode="r")
+        first = np.load(chunk_file(0), mmap_mode="r")
         matrix = np.lib.format.open_memmap(partial / "embeddings.npy", mode="w+", dtype=np.float32,
                                            shape=(len(texts), first.shape[1]))
         for start in starts:
-            matrix[order[start : start + chunk_size]] = np.load(partial / f"chunk_{start // chunk_size:06d}.npy")
+            matrix[order[start : start + chunk_size]] = np.load(chunk_file(start))
         matrix.flush()
         del matrix
         _write_json_atomic(partial / "ids.json", list(ids))
-        for start in starts:
-            (partial / f"chunk_{start // chunk_size:06d}.npy").unlink()
+        for stale in partial.glob("chunk_*.npy"):  # this run's chunks and any left by another chunk_size
+            stale.unlink()
         manifest_done = dict(manifest, dimension=int(first.shape[1]), complete=True)
         _write_json_atomic(partial / "manifest.json", manifest_done)
         if final.exists():  # a stale or mismatching entry under the same key: replace it

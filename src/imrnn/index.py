@@ -122,7 +122,16 @@ class FaissIndex:
             raise ConfigError("Build or load the faiss index before searching.")
         if self.kind == "hnsw":
             self.index.hnsw.efSearch = max(self.ef_search, k)
-        scores, indices = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        total = self.index.ntotal
+        fetch = k + 1 if self.kind == "flat" and k < total else k
+        while True:
+            scores, indices = self.index.search(queries, fetch)
+            # faiss picks arbitrarily among documents tied at the k-th place; fetch until every tie group at
+            # the cut is complete, so the tie-break below (row ascending) gives exactly exact_search's answer
+            if fetch == k or fetch >= total or not np.any(scores[:, -1] >= scores[:, k - 1]):
+                break
+            fetch = min(total, 2 * fetch)
         scores = np.where(indices < 0, -np.inf, scores).astype(np.float32)
         return _sort_topk(indices.astype(np.int64), scores, k)
 

@@ -2,62 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import IMRNNConfig
 from .errors import ConfigError
-
-
-@dataclass(frozen=True)
-class IMRNNConfig:
-    """Architecture of the adapters. `working_dim=None` means square (= embedding_dim)."""
-
-    embedding_dim: int = 384
-    working_dim: int | None = None
-    identity_init: bool = True
-    hidden_dim: int = 128
-    dropout: float = 0.1
-    use_query_adapter: bool = True
-    use_doc_adapter: bool = True
-    feedback_docs: int = 5
-    iterations: int = 1
-
-    def __post_init__(self) -> None:
-        if self.embedding_dim < 1 or self.hidden_dim < 1:
-            raise ConfigError(f"embedding_dim and hidden_dim must be positive, got {self.embedding_dim}, {self.hidden_dim}.")
-        if self.working_dim is not None and self.working_dim < 1:
-            raise ConfigError(f"working_dim must be positive or None (square), got {self.working_dim}.")
-        if self.identity_init and self.working_dim not in (None, self.embedding_dim):
-            raise ConfigError(
-                f"identity_init needs a square projection, but working_dim={self.working_dim} != embedding_dim="
-                f"{self.embedding_dim}. Set working_dim to None or identity_init to False."
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}.")
-        if self.feedback_docs < 1:
-            raise ConfigError(f"feedback_docs (m) must be at least 1, got {self.feedback_docs}.")
-        if self.iterations < 1:
-            raise ConfigError(f"iterations must be at least 1, got {self.iterations}.")
-
-    @property
-    def dim(self) -> int:
-        return self.working_dim or self.embedding_dim
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "IMRNNConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ConfigError(f"Unknown IMRNNConfig fields {sorted(unknown)}; known: {sorted(known)}.")
-        return cls(**values)
 
 
 class _AffineHead(nn.Module):

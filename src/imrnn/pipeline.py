@@ -14,8 +14,9 @@ from .data import Dataset, QuerySet, carve_validation
 from .encode import Encoder, encode_corpus, encode_queries
 from .evaluate import evaluate_run, hits_to_run, paired_test, per_query
 from .index import search
-from .model import IMRNN, IMRNNConfig
-from .train import RankingSet, TrainConfig, TrainResult, ranking_set, rerank, score_candidates, train
+from .config import IMRNNConfig, TrainConfig
+from .model import IMRNN
+from .train import RankingSet, TrainResult, ranking_set, rerank, score_candidates, train
 
 REPORT_MEASURES = ("nDCG@10", "R@10", "RR@10", "R@100")
 
@@ -51,13 +52,13 @@ class Prepared:
 
 
 def validation_split(dataset: Dataset, train_split: str, validation: str, fraction: float, seed: int) -> tuple[QuerySet, QuerySet]:
-    """(train, validation): an official split named by `validation`, or carved from train when it is 'auto'
-    and the dataset has no `dev` split."""
+    """(train, validation): an official split named by `validation`, or carved from train ('carve': random
+    queries; 'disjoint': query groups sharing no relevant document; 'auto': dev if present, else disjoint)."""
     train_queries = dataset.split(train_split)
     if validation == "auto":
-        validation = "dev" if "dev" in dataset.splits and train_split != "dev" else "carve"
-    if validation == "carve":
-        return carve_validation(train_queries, fraction, seed)
+        validation = "dev" if "dev" in dataset.splits and train_split != "dev" else "disjoint"
+    if validation in ("carve", "disjoint"):
+        return carve_validation(train_queries, fraction, seed, disjoint=validation == "disjoint")
     return train_queries, dataset.split(validation)
 
 

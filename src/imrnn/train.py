@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -14,57 +13,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .config import IMRNNConfig, TrainConfig
 from .data import Qrels
-from .errors import ConfigError
 from .evaluate import evaluate_run, hits_to_run
-from .model import IMRNN, IMRNNConfig
-
-LOSSES = ("listwise", "margin")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How the adapters are trained; every field maps to an `imrnn train` flag."""
-
-    loss: str = "listwise"
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    temperature: float = 0.05
-    margin: float = 0.1
-    hard_negatives: int = 16
-    bm25_negatives: int = 0
-    candidates: int = 100
-    max_added_positives: int = 10
-    validation_fraction: float = 0.15
-    patience: int = 6
-    seed: int = 42
-
-    def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}.")
-        for name in ("epochs", "batch_size", "candidates", "patience", "hard_negatives"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        for name in ("bm25_negatives", "max_added_positives"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
-        if self.lr <= 0 or self.temperature <= 0 or self.margin < 0 or self.weight_decay < 0:
-            raise ConfigError("lr and temperature must be > 0; margin and weight_decay >= 0.")
-        if not 0.0 < self.validation_fraction < 1.0:
-            raise ConfigError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}.")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        if set(values) - known:
-            raise ConfigError(f"Unknown TrainConfig fields {sorted(set(values) - known)}; known: {sorted(known)}.")
-        return cls(**values)
-
+from .model import IMRNN
 
 @dataclass
 class RankingSet:

@@ -1,0 +1,170 @@
+"""The adapter module, training and checkpoints: hand-computed cases, fast vs slow paths, reproducibility."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from imrnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from imrnn.encode import EncoderConfig
+from imrnn.errors import CheckpointError, ConfigError
+from imrnn.index import exact_search
+from imrnn.config import IMRNNConfig, TrainConfig
+from imrnn.model import IMRNN
+from imrnn.train import ranking_set, score_candidates, train
+
+
+def unit(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    x = rng.standard_normal(shape).astype(np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def randomised(model: IMRNN, seed: int = 0) -> IMRNN:
+    """Give every weight (incl. the zero-initialised heads) random values, so the adapter is not the identity."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model.eval()
+
+
+def test_untrained_identity_adapter_reproduces_base_ranking():
+    rng = np.random.default_rng(0)
+    docs, queries = unit(rng, 2000, 64), unit(rng, 50, 64)
+    hits = exact_search(queries, docs, 100)
+    model = IMRNN(IMRNNConfig(embedding_dim=64, feedback_docs=5, iterations=2))
+    scores = score_candidates(model, queries, docs, hits.indices)
+    np.testing.assert_allclose(scores, hits.scores, atol=1e-5)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    assert (np.take_along_axis(hits.indices, order, 1) == hits.indices).all()
+
+
+def test_hand_computed_scores_with_query_adapter_only():
+    config = IMRNNConfig(embedding_dim=2, hidden_dim=1, dropout=0.0, use_doc_adapter=False)
+    model = IMRNN(config).eval()
+    with torch.no_grad():  # scale = 1 + tanh(0) = 1 on dim 0, 1 + tanh(atanh(0.5)) = 1.5 on dim 1; shift 0
+        model.query_adapter.out.weight.zero_()
+        model.query_adapter.out.bias.copy_(torch.tensor([0.0, float(np.arctanh(0.5)), 0.0, 0.0]))
+    q = torch.tensor([[0.6, 0.8]])
+    d = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]])
+    got = model(q, d).scores[0].detach().numpy()
+    modulated = np.array([[1.0, 0.0], [0.0, 1.5], [0.6, 1.2]])
+    modulated /= np.linalg.norm(modulated, axis=1, keepdims=True)
+    np.testing.assert_allclose(got, modulated @ np.array([0.6, 0.8]), atol=1e-6)
+
+
+def test_batched_forward_equals_per_query_forward_and_mask_isolates_padding():
+    rng = np.random.default_rng(1)
+    model = randomised(IMRNN(IMRNNConfig(embedding_dim=16, hidden_dim=8, feedback_docs=3, iterations=2)))
+    q, d = torch.from_numpy(unit(rng, 6, 16)), torch.from_numpy(unit(rng, 6, 10, 16))
+    mask = torch.ones(6, 10, dtype=torch.bool)
+    mask[2, 7:] = False
+    batched = model(q, d, mask).scores
+    for i in range(6):
+        k = int(mask[i].sum())
+        single = model(q[i : i + 1], d[i : i + 1, :k]).scores[0]
+        torch.testing.assert_close(batched[i, :k], single, atol=1e-5, rtol=1e-5)
+    assert torch.isneginf(batched[2, 7:]).all()
+    assert not torch.isnan(batched).any()
+
+
+def test_doc_adapter_refines_query_from_top_m_feedback():
+    model = randomised(IMRNN(IMRNNConfig(embedding_dim=8, hidden_dim=4, feedback_docs=2, use_query_adapter=False)))
+    rng = np.random.default_rng(2)
+    q, d = torch.from_numpy(unit(rng, 1, 8)), torch.from_numpy(unit(rng, 1, 5, 8))
+    qp, dp = model.project(q), model.project(d)
+    top = (dp[0] @ qp[0]).topk(2).indices
+    scale, shift = model.doc_adapter(dp[0, top])
+    refined = F.normalize(qp[0] * scale.mean(0) + shift.mean(0), dim=-1)
+    torch.testing.assert_close(model(q, d).scores[0], dp[0] @ refined, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"embedding_dim": 0}, {"working_dim": 32, "embedding_dim": 64}, {"feedback_docs": 0}, {"iterations": 0}, {"dropout": 1.0}],
+)
+def test_invalid_model_config_is_refused(kwargs):
+    with pytest.raises(ConfigError):
+        IMRNNConfig(**kwargs)
+
+
+def test_invalid_train_config_is_refused():
+    with pytest.raises(ConfigError, match="loss must be one of"):
+        TrainConfig(loss="pointwise")
+    with pytest.raises(ConfigError, match="epochs"):
+        TrainConfig(epochs=0)
+
+
+def synthetic_task(seed: int = 0, n_docs: int = 600, dim: int = 32):
+    """Relevance lives in a re-weighted space the base cosine ignores; an adapter can learn the weighting."""
+    rng = np.random.default_rng(seed)
+    docs = unit(rng, n_docs, dim)
+    weights = np.ones(dim, np.float32)
+    weights[:4] = 6.0
+    targets = rng.integers(0, n_docs, size=240)
+    queries = docs[targets] * weights + rng.standard_normal((240, dim)).astype(np.float32) * 1.2
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    ids = np.array([f"d{i}" for i in range(n_docs)], dtype=object)
+    qids = [f"q{i}" for i in range(240)]
+    qrels = {q: {f"d{t}": 1} for q, t in zip(qids, targets)}
+    hits = exact_search(queries, docs, 50)
+    make = lambda sl, add: ranking_set(qids[sl], queries[sl], hits.indices[sl], qrels, ids, add)  # noqa: E731
+    return docs, ids, make(slice(0, 180), 5), make(slice(180, 240), 0)
+
+
+@pytest.mark.parametrize("loss", ["listwise", "margin"])
+def test_training_improves_validation_and_is_reproducible(loss):
+    docs, ids, train_set, val_set = synthetic_task()
+    config = TrainConfig(loss=loss, epochs=6, batch_size=32, lr=3e-3, candidates=50, seed=7, patience=6)
+    model_config = IMRNNConfig(embedding_dim=32, hidden_dim=32, dropout=0.0)
+    first = train(model_config, config, docs, ids, train_set, val_set, progress=False)
+    assert first.best_validation > first.history[0]["val_nDCG@10"] + 0.02
+    second = train(model_config, config, docs, ids, train_set, val_set, progress=False)
+    for name, tensor in first.model.state_dict().items():
+        torch.testing.assert_close(tensor, second.model.state_dict()[name], rtol=0, atol=0)
+
+
+def test_checkpoint_round_trip_gives_identical_scores(tmp_path):
+    rng = np.random.default_rng(3)
+    model = randomised(IMRNN(IMRNNConfig(embedding_dim=16, hidden_dim=8)))
+    save_checkpoint(Checkpoint(model, EncoderConfig(), TrainConfig(), {"seed": 1}), tmp_path / "ckpt")
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    q, d = torch.from_numpy(unit(rng, 4, 16)), torch.from_numpy(unit(rng, 4, 9, 16))
+    torch.testing.assert_close(loaded.model(q, d).scores, model(q, d).scores, rtol=0, atol=0)
+    assert loaded.train_config == TrainConfig() and loaded.metadata["seed"] == 1
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["encoder"]["dimension"] == 16
+
+
+def test_checkpoint_refuses_mismatched_encoder_dimension(tmp_path):
+    save_checkpoint(Checkpoint(IMRNN(IMRNNConfig(embedding_dim=16, hidden_dim=8)), EncoderConfig()), tmp_path / "c")
+    with pytest.raises(CheckpointError, match=r"expects 16-d embeddings but the encoder gives 384-d"):
+        load_checkpoint(tmp_path / "c", expected_dim=384)
+
+
+@pytest.mark.parametrize("tamper", ["nan", "shape", "extra", "missing"])
+def test_tampered_checkpoint_is_refused(tmp_path, tamper):
+    folder = save_checkpoint(Checkpoint(IMRNN(IMRNNConfig(embedding_dim=16, hidden_dim=8)), EncoderConfig()), tmp_path / "c")
+    state = load_file(str(folder / "model.safetensors"))
+    if tamper == "nan":
+        state["projection.weight"][0, 0] = float("nan")
+    elif tamper == "shape":
+        state["projection.weight"] = torch.zeros(16, 15)
+    elif tamper == "extra":
+        state["backdoor"] = torch.zeros(1)
+    else:
+        del state["doc_adapter.out.bias"]
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match={"nan": "NaN", "shape": "shape", "extra": "unexpected", "missing": "missing"}[tamper]):
+        load_checkpoint(folder)
+
+
+def test_incomplete_checkpoint_folder_is_refused(tmp_path):
+    folder = save_checkpoint(Checkpoint(IMRNN(IMRNNConfig(embedding_dim=16, hidden_dim=8)), EncoderConfig()), tmp_path / "c")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors is missing"):
+        load_checkpoint(folder)
