@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
@@ -110,7 +110,8 @@ class Encoder:
 
     @property
     def dimension(self) -> int:
-        return int(self.model.get_sentence_embedding_dimension())
+        getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return int(getter())
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         import torch
@@ -166,7 +167,8 @@ def cache_manifest(encoder: Encoder, ids: Sequence[str], texts: Sequence[str], p
     return {
         "format": CACHE_FORMAT,
         "model": encoder.identity,
-        "encoder": asdict(encoder.config),
+        "precision": encoder.config.precision,
+        "max_length": encoder.config.max_length,
         "prefix": prefix,
         "dtype": "float32",
         "count": len(ids),
