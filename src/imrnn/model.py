@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -27,6 +28,17 @@ class _AffineHead(nn.Module):
         return 1.0 + torch.tanh(raw_scale), shift
 
 
+def _require_finite(x: torch.Tensor, what: str) -> None:
+    """ConfigError naming the first non-finite embedding: NaN in, NaN out would be a silently wrong ranking."""
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        where = tuple(int(i) for i in torch.nonzero(~finite.all(dim=-1))[0])
+        raise ConfigError(
+            f"{what} embeddings hold NaN or Inf values (first at index {where}). Scores against them are meaningless; "
+            "re-encode those texts or drop them (masked-out padding candidates may hold anything)."
+        )
+
+
 class Scored(NamedTuple):
     """Adapter output for a batch: scores plus the vectors the explanation needs (working space)."""
 
@@ -35,6 +47,8 @@ class Scored(NamedTuple):
     refined_query: torch.Tensor  # [B, D] after the document adapter
     docs: torch.Tensor  # [B, K, D] projected candidates before modulation
     modulated_docs: torch.Tensor  # [B, K, D] after the query adapter
+    gate: torch.Tensor  # [B] weight of the adapted score (1 without a novelty gate)
+    base_scores: torch.Tensor  # [B, K] frozen retriever's cosine, -inf at masked candidates
 
 
 class IMRNN(nn.Module):
@@ -50,12 +64,18 @@ class IMRNN(nn.Module):
                 self.projection.weight.copy_(torch.eye(dim))
         self.query_adapter = _AffineHead(dim, config.hidden_dim, config.dropout)
         self.doc_adapter = _AffineHead(dim, config.hidden_dim, config.dropout)
+        if config.memory_size:
+            self.register_buffer("memory", torch.zeros(config.memory_size, config.embedding_dim))
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.projection(x), dim=-1)
 
     def forward(self, queries: torch.Tensor, candidates: torch.Tensor, mask: torch.Tensor | None = None) -> Scored:
-        """Scores `[B, K]` for queries `[B, E]` and candidates `[B, K, E]`; `mask[b, k]` False marks padding."""
+        """Scores `[B, K]` for queries `[B, E]` and candidates `[B, K, E]`; `mask[b, k]` False marks padding.
+
+        Masked candidates score -inf (an all-masked row is all -inf, never NaN) and are ignored whatever they hold;
+        K = 1 and K < feedback_docs are fine (the feedback uses min(m, K) candidates); zero vectors are allowed.
+        NaN or Inf in a query or an unmasked candidate is a ConfigError."""
         if queries.ndim != 2 or candidates.ndim != 3 or candidates.shape[:1] != queries.shape[:1]:
             raise ConfigError(f"Expected queries [B, E] and candidates [B, K, E]; got {tuple(queries.shape)} and {tuple(candidates.shape)}.")
         if queries.shape[-1] != self.config.embedding_dim or candidates.shape[-1] != self.config.embedding_dim:
@@ -65,6 +85,14 @@ class IMRNN(nn.Module):
             )
         if mask is None:
             mask = torch.ones(candidates.shape[:2], dtype=torch.bool, device=candidates.device)
+        elif mask.shape != candidates.shape[:2]:
+            raise ConfigError(f"mask must have shape {tuple(candidates.shape[:2])} (one flag per candidate), got {tuple(mask.shape)}.")
+        else:
+            mask = mask.bool()
+            if not bool(mask.all()):  # whatever padding holds (even NaN) must not reach the feedback mean
+                candidates = candidates.masked_fill(~mask[..., None], 0.0)
+        _require_finite(queries, "query")
+        _require_finite(candidates, "candidate")
         query = self.project(queries)
         docs = self.project(candidates)
         current = query
@@ -74,7 +102,32 @@ class IMRNN(nn.Module):
             if self.config.use_doc_adapter:
                 current = self._refine_query(query, current, modulated, mask)
         scores = torch.einsum("bd,bkd->bk", current, modulated)
-        return Scored(scores.masked_fill(~mask, float("-inf")), query, current, docs, modulated)
+        base = torch.einsum("bd,bkd->bk", F.normalize(queries, dim=-1), F.normalize(candidates, dim=-1))
+        gate = self.gate(queries)
+        scores = gate[:, None] * scores + (1.0 - gate[:, None]) * base
+        if bool(torch.isnan(scores.masked_fill(~mask, 0.0)).any()):
+            raise ConfigError(
+                "The adapter produced NaN scores from finite inputs: embeddings of extreme magnitude overflow float32. "
+                "Pass L2-normalised embeddings (as the encoder produces)."
+            )
+        blocked = float("-inf")
+        return Scored(scores.masked_fill(~mask, blocked), query, current, docs, modulated, gate, base.masked_fill(~mask, blocked))
+
+    def gate(self, queries: torch.Tensor) -> torch.Tensor:
+        """Per-query weight of the adapted score: 1 without memory, else a sigmoid of the nearest training query's cosine."""
+        if not self.config.memory_size:
+            return torch.ones(queries.shape[0], dtype=queries.dtype, device=queries.device)
+        nearest = (F.normalize(queries, dim=-1) @ self.memory.T).amax(dim=1)
+        return torch.sigmoid((nearest - self.config.gate_threshold) / self.config.gate_width)
+
+    def with_gate(self, memory: torch.Tensor, threshold: float, width: float | None = None) -> "IMRNN":
+        """A copy with a novelty gate over `memory` (training query embeddings `[N, E]`)."""
+        config = dataclasses.replace(self.config, memory_size=len(memory), gate_threshold=float(threshold),
+                                     gate_width=width or self.config.gate_width)
+        gated = IMRNN(config).to(next(self.parameters()).device)
+        state = {k: v for k, v in self.state_dict().items() if k != "memory"}
+        gated.load_state_dict({**state, "memory": F.normalize(memory.float(), dim=-1)})
+        return gated.eval()
 
     def _modulate_docs(self, query: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
         """d_hat = norm(d * gamma_q + beta_q), gamma/beta predicted from the (current) query."""

@@ -56,15 +56,16 @@ def validation_split(dataset: Dataset, train_split: str, validation: str, fracti
     queries; 'disjoint': query groups sharing no relevant document; 'auto': dev if present, else disjoint)."""
     train_queries = dataset.split(train_split)
     if validation == "auto":
-        validation = "dev" if "dev" in dataset.splits and train_split != "dev" else "disjoint"
+        validation = "dev" if "dev" in dataset.splits and train_split != "dev" else "carve"
     if validation in ("carve", "disjoint"):
         return carve_validation(train_queries, fraction, seed, disjoint=validation == "disjoint")
     return train_queries, dataset.split(validation)
 
 
 def fit(prepared: Prepared, train_queries: QuerySet, validation_queries: QuerySet, model_config: IMRNNConfig,
-        train_config: TrainConfig, device: str = "cpu", progress: bool = True) -> TrainResult:
-    """Train an adapter on a query set, early-stopping on the validation set."""
+        train_config: TrainConfig, device: str = "cpu", progress: bool = True, state_dir: Path | None = None,
+        resume: bool = False) -> TrainResult:
+    """Train an adapter on a query set, early-stopping on the validation set (resumable: see `train`)."""
     train_set = prepared.ranking(train_queries, train_config.max_added_positives)
     if train_config.bm25_negatives:
         from .negatives import bm25_negatives, relevance_matrix
@@ -75,7 +76,7 @@ def fit(prepared: Prepared, train_queries: QuerySet, validation_queries: QuerySe
                                 prepared.dataset.corpus.ids, 0, extra)
     validation_set = prepared.ranking(validation_queries)
     return train(model_config, train_config, prepared.doc_embs, prepared.dataset.corpus.ids, train_set, validation_set,
-                 device=device, progress=progress)
+                 device=device, progress=progress, state_dir=state_dir, resume=resume)
 
 
 def unseen_relevant_queries(test: QuerySet, train_qrels: dict[str, dict[str, int]]) -> list[str]:
@@ -137,6 +138,7 @@ def checkpoint_from(result: TrainResult, prepared: Prepared, train_config: Train
             "candidates": prepared.k,
         },
         "seed": train_config.seed,
+        "novelty_gate": result.gate,
         "training": {"best_epoch": result.best_epoch, "seconds": round(result.seconds, 2), "history": result.history,
                      "parameters": result.model.num_parameters()},
         "metrics": {"validation": {"nDCG@10": result.best_validation}, "test": test_report},

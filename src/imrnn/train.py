@@ -6,6 +6,7 @@ import copy
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -15,8 +16,10 @@ from tqdm.auto import tqdm
 
 from .config import IMRNNConfig, TrainConfig
 from .data import Qrels
+from .errors import ConfigError
 from .evaluate import evaluate_run, hits_to_run
 from .model import IMRNN
+from .resume import TrainState, capture_rng, clear_state, load_state, restore_rng, save_state, training_key
 
 @dataclass
 class RankingSet:
@@ -36,6 +39,7 @@ class TrainResult:
     best_validation: float
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    gate: dict | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -47,18 +51,41 @@ def seed_everything(seed: int) -> None:
 def score_candidates(
     model: IMRNN, query_embs: np.ndarray, doc_embs: np.ndarray | torch.Tensor, candidates: np.ndarray, batch_size: int = 512
 ) -> np.ndarray:
-    """Adapted scores `(Q, K)` for candidate rows `(Q, K)` (-1 = padding -> -inf), in batches, no grad."""
+    """Adapted scores `(Q, K)` for candidate rows `(Q, K)` (-1 = padding -> -inf), in batches, no grad.
+
+    A row repeated within one query's list is scored once: later copies count as padding (-inf), so a document
+    neither appears twice in a ranking nor weighs twice in the feedback. A query without candidates gets all -inf.
+    Candidate embeddings are gathered per batch, so a memory-mapped corpus is never copied whole."""
+    candidates = np.asarray(candidates)
+    if candidates.ndim != 2:
+        raise ConfigError(f"candidates must be a (Q, K) array of corpus rows, got shape {candidates.shape}.")
+    if candidates.size and int(candidates.max()) >= len(doc_embs):
+        raise ConfigError(f"candidate row {int(candidates.max())} is out of range for a corpus of {len(doc_embs)} documents.")
+    candidates = np.where(_repeated(candidates), -1, candidates)
     model.eval()
     device = next(model.parameters()).device
-    docs = torch.as_tensor(np.asarray(doc_embs, dtype=np.float32)) if not isinstance(doc_embs, torch.Tensor) else doc_embs
     out = np.empty(candidates.shape, dtype=np.float32)
     with torch.inference_mode():
         for start in range(0, len(candidates), batch_size):
             rows = torch.as_tensor(candidates[start : start + batch_size])
             mask = rows >= 0
-            cands = docs[rows.clamp(min=0)].to(device)
+            if isinstance(doc_embs, torch.Tensor):
+                cands = doc_embs[rows.clamp(min=0)].to(device)
+            else:
+                cands = torch.from_numpy(np.asarray(doc_embs[np.maximum(rows.numpy(), 0)], dtype=np.float32)).to(device)
             queries = torch.as_tensor(np.asarray(query_embs[start : start + batch_size], dtype=np.float32)).to(device)
             out[start : start + len(rows)] = model(queries, cands, mask.to(device)).scores.float().cpu().numpy()
+    return out
+
+
+def _repeated(rows: np.ndarray) -> np.ndarray:
+    """True where a row already appeared earlier in the same list (first occurrences and padding stay False)."""
+    order = np.argsort(rows, axis=1, kind="stable")
+    ordered = np.take_along_axis(rows, order, 1)
+    repeat = np.zeros(rows.shape, dtype=bool)
+    repeat[:, 1:] = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    out = np.zeros_like(repeat)
+    np.put_along_axis(out, order, repeat, 1)
     return out
 
 
@@ -103,8 +130,15 @@ def train(
     device: str = "cpu",
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
+    state_dir: Path | None = None,
+    resume: bool = False,
 ) -> TrainResult:
-    """Train on `train_set`, keep the epoch with the best validation nDCG@10, stop after `patience` epochs without gain."""
+    """Train on `train_set`, keep the epoch with the best validation nDCG@10, stop after `patience` epochs without gain.
+
+    With `state_dir`, the whole training state (model, optimiser, RNG streams, best epoch, history) is saved there
+    atomically after every epoch; with `resume`, training continues from the last saved epoch and ends with the
+    same weights as an uninterrupted run (a state saved for other configs or data is refused: CheckpointError).
+    """
     seed_everything(config.seed)
     start = time.perf_counter()
     model = IMRNN(model_config).to(device)
@@ -115,10 +149,22 @@ def train(
     candidates = torch.as_tensor(train_set.candidates)
     grades = torch.as_tensor(train_set.grades)
 
-    best_state, best_score, best_epoch = copy.deepcopy(model.state_dict()), validation_ndcg(model, validation_set, docs, doc_ids), 0
-    history = [{"epoch": 0, "loss": None, "val_nDCG@10": best_score}]
-    stale = 0
-    bar = tqdm(range(1, config.epochs + 1), desc="training", disable=not progress, dynamic_ncols=True)
+    key = training_key(model_config, config, doc_embs, doc_ids, train_set, validation_set) if state_dir is not None else ""
+    restored = load_state(state_dir, key) if state_dir is not None and resume else None
+    if restored is None:
+        if state_dir is not None:
+            clear_state(state_dir)
+        best_state, best_score, best_epoch = copy.deepcopy(model.state_dict()), validation_ndcg(model, validation_set, docs, doc_ids), 0
+        history = [{"epoch": 0, "loss": None, "val_nDCG@10": best_score}]
+        stale, first_epoch = 0, 1
+    else:  # continue exactly where the saved epoch ended
+        model.load_state_dict(restored.model)
+        optimiser.load_state_dict({**optimiser.state_dict(), "state": restored.optimiser})
+        restore_rng(restored.rng, generator, device)
+        best_state, best_score, best_epoch, stale = restored.best, restored.best_score, restored.best_epoch, restored.stale
+        history, first_epoch = restored.history, restored.epoch + 1
+    last_epoch = config.epochs if stale < config.patience else first_epoch - 1
+    bar = tqdm(range(first_epoch, last_epoch + 1), desc="training", disable=not progress, dynamic_ncols=True)
     for epoch in bar:
         model.train()
         order = torch.randperm(len(queries), generator=generator)
@@ -142,12 +188,51 @@ def train(
         else:
             stale += 1
         bar.set_postfix(loss=f"{record['loss']:.4f}", val=f"{val:.4f}", best=f"{best_score:.4f}@{best_epoch}")
+        if state_dir is not None:
+            save_state(state_dir, TrainState(epoch, best_epoch, best_score, stale, history, model.state_dict(), best_state,
+                                             optimiser.state_dict()["state"], capture_rng(generator, device)), key)
         if stale >= config.patience:
             break
     bar.close()
     model.load_state_dict(best_state)
     model.eval()
-    return TrainResult(model, best_epoch, best_score, history, time.perf_counter() - start)
+    gate = None
+    if config.novelty_gate:
+        model, gate = calibrate_gate(model, train_set.query_embs, validation_set, docs, doc_ids)
+    return TrainResult(model, best_epoch, best_score, history, time.perf_counter() - start, gate)
+
+
+GATE_THRESHOLDS = tuple(round(0.30 + 0.05 * i, 2) for i in range(14))  # 0.30 ... 0.95
+
+
+def calibrate_gate(model: IMRNN, memory: np.ndarray, validation: RankingSet, doc_embs: torch.Tensor, doc_ids: np.ndarray,
+                   thresholds: Sequence[float] = GATE_THRESHOLDS) -> tuple[IMRNN, dict]:
+    """Choose the novelty-gate threshold (or none) with the best validation nDCG@10.
+
+    Queries close to a training query get the adapted score, novel ones fall back towards the frozen
+    retriever: adapters gain most where training saw related queries and can hurt elsewhere.
+    """
+    adapted = score_candidates(model, validation.query_embs, doc_embs, validation.candidates)
+    valid = validation.candidates >= 0
+    docs = np.asarray(doc_embs)[np.maximum(validation.candidates, 0)]
+    base = np.einsum("qd,qkd->qk", np.asarray(validation.query_embs, np.float32), docs)
+    unit_memory = memory / np.maximum(np.linalg.norm(memory, axis=1, keepdims=True), 1e-12)
+    nearest = (np.asarray(validation.query_embs, np.float32) @ unit_memory.T).max(1)
+
+    def ndcg(scores: np.ndarray) -> float:
+        run = hits_to_run(validation.query_ids, doc_ids, validation.candidates, np.where(valid, scores, -np.inf))
+        return evaluate_run(run, validation.qrels, ["nDCG@10"])["nDCG@10"]
+
+    width = model.config.gate_width
+    results: dict[str, float] = {"none": ndcg(adapted)}
+    for threshold in thresholds:
+        g = 1.0 / (1.0 + np.exp(-(nearest - threshold) / width))
+        results[str(threshold)] = ndcg(np.where(valid, g[:, None] * adapted + (1 - g[:, None]) * base, -np.inf))
+    best = max(results, key=results.__getitem__)  # ties keep the earlier entry: no gate, then lower thresholds
+    report = {"threshold": None if best == "none" else float(best), "validation_nDCG@10": results}
+    if best == "none":
+        return model, report
+    return model.with_gate(torch.as_tensor(np.asarray(memory, np.float32)), float(best)), report
 
 
 def ranking_set(
