@@ -168,3 +168,28 @@ def test_incomplete_checkpoint_folder_is_refused(tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model.safetensors is missing"):
         load_checkpoint(folder)
+
+
+def test_novelty_gate_uses_adapter_near_training_queries_and_frozen_scores_far_from_them(tmp_path):
+    rng = np.random.default_rng(4)
+    model = randomised(IMRNN(IMRNNConfig(embedding_dim=16, hidden_dim=8, dropout=0.0)))
+    memory = torch.zeros(1, 16)
+    memory[0, 0] = 1.0
+    gated = model.with_gate(memory, threshold=0.5, width=0.02)
+    near = torch.zeros(1, 16)
+    near[0, 0] = 1.0
+    far = torch.zeros(1, 16)
+    far[0, 1] = 1.0
+    d = torch.from_numpy(unit(rng, 1, 7, 16))
+    torch.testing.assert_close(gated(near, d).scores, model(near, d).scores, atol=1e-6, rtol=0)
+    torch.testing.assert_close(gated(far, d).scores[0], d[0] @ far[0], atol=1e-6, rtol=0)
+    assert gated(near, d).gate.item() > 0.999 and gated(far, d).gate.item() < 1e-6
+    save_checkpoint(Checkpoint(gated, EncoderConfig()), tmp_path / "g")
+    loaded = load_checkpoint(tmp_path / "g")
+    assert loaded.model_config.gate_threshold == 0.5 and loaded.model_config.memory_size == 1
+    torch.testing.assert_close(loaded.model(far, d).scores, gated(far, d).scores, rtol=0, atol=0)
+
+
+def test_gate_config_must_be_complete():
+    with pytest.raises(ConfigError, match="novelty gate"):
+        IMRNNConfig(memory_size=3)
