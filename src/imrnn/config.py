@@ -48,7 +48,7 @@ class IMRNNConfig:
     iterations: int = 1
     memory_size: int = 0
     gate_threshold: float | None = None
-    gate_width: float = 0.02
+    gate_width: float = 0.05
 
     def __post_init__(self) -> None:
         if self.memory_size < 0 or self.gate_width <= 0:
@@ -101,7 +101,7 @@ class TrainConfig:
     hard_negatives: int = 16
     bm25_negatives: int = 0
     candidates: int = 100
-    max_added_positives: int = 10
+    max_added_positives: int = 0
     validation_fraction: float = 0.15
     patience: int = 6
     novelty_gate: bool = True

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .config import IMRNNConfig, TrainConfig
 from .data import Qrels
 from .errors import ConfigError
-from .evaluate import evaluate_run, hits_to_run
+from .evaluate import evaluate_run, hits_to_run, per_query
 from .model import IMRNN
 from .resume import TrainState, capture_rng, clear_state, load_state, restore_rng, save_state, training_key
 
@@ -207,10 +207,13 @@ GATE_THRESHOLDS = tuple(round(0.30 + 0.05 * i, 2) for i in range(14))  # 0.30 ..
 
 def calibrate_gate(model: IMRNN, memory: np.ndarray, validation: RankingSet, doc_embs: torch.Tensor, doc_ids: np.ndarray,
                    thresholds: Sequence[float] = GATE_THRESHOLDS) -> tuple[IMRNN, dict]:
-    """Choose the novelty-gate threshold (or none) with the best validation nDCG@10.
+    """Choose the novelty-gate threshold on validation nDCG@10 by the one-standard-error rule.
 
-    Queries close to a training query get the adapted score, novel ones fall back towards the frozen
-    retriever: adapters gain most where training saw related queries and can hurt elsewhere.
+    Queries close to a training query keep the adapted score, novel ones fall back towards the frozen
+    retriever: adapters gain most where training saw related queries and can hurt elsewhere. Among "no gate"
+    and the thresholds, the most conservative (highest) one whose mean validation nDCG@10 is within one
+    standard error (paired, per query) of the best is kept: a small validation set cannot tell them apart,
+    and the conservative choice protects queries unlike any training query.
     """
     adapted = score_candidates(model, validation.query_embs, doc_embs, validation.candidates)
     valid = validation.candidates >= 0
@@ -219,20 +222,26 @@ def calibrate_gate(model: IMRNN, memory: np.ndarray, validation: RankingSet, doc
     unit_memory = memory / np.maximum(np.linalg.norm(memory, axis=1, keepdims=True), 1e-12)
     nearest = (np.asarray(validation.query_embs, np.float32) @ unit_memory.T).max(1)
 
-    def ndcg(scores: np.ndarray) -> float:
+    def ndcg(scores: np.ndarray) -> np.ndarray:
         run = hits_to_run(validation.query_ids, doc_ids, validation.candidates, np.where(valid, scores, -np.inf))
-        return evaluate_run(run, validation.qrels, ["nDCG@10"])["nDCG@10"]
+        return per_query(run, validation.qrels, ["nDCG@10"])["nDCG@10"]
 
     width = model.config.gate_width
-    results: dict[str, float] = {"none": ndcg(adapted)}
+    per_option: dict[str, np.ndarray] = {"none": ndcg(adapted)}
     for threshold in thresholds:
         g = 1.0 / (1.0 + np.exp(-(nearest - threshold) / width))
-        results[str(threshold)] = ndcg(np.where(valid, g[:, None] * adapted + (1 - g[:, None]) * base, -np.inf))
-    best = max(results, key=results.__getitem__)  # ties keep the earlier entry: no gate, then lower thresholds
-    report = {"threshold": None if best == "none" else float(best), "validation_nDCG@10": results}
-    if best == "none":
+        per_option[str(threshold)] = ndcg(g[:, None] * adapted + (1 - g[:, None]) * base)
+    best = max(per_option, key=lambda name: per_option[name].mean())
+    chosen = best
+    for name, values in per_option.items():  # ordered from least to most conservative
+        diff = per_option[best] - values
+        if len(diff) > 1 and diff.mean() <= diff.std(ddof=1) / np.sqrt(len(diff)) + 1e-12:
+            chosen = name
+    report = {"threshold": None if chosen == "none" else float(chosen), "width": width, "rule": "one standard error",
+              "validation_nDCG@10": {name: float(v.mean()) for name, v in per_option.items()}}
+    if chosen == "none":
         return model, report
-    return model.with_gate(torch.as_tensor(np.asarray(memory, np.float32)), float(best)), report
+    return model.with_gate(torch.as_tensor(np.asarray(memory, np.float32)), float(chosen)), report
 
 
 def ranking_set(
