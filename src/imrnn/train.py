@@ -142,7 +142,7 @@ def train(
     seed_everything(config.seed)
     start = time.perf_counter()
     model = IMRNN(model_config).to(device)
-    docs = torch.as_tensor(np.asarray(doc_embs, dtype=np.float32))
+    docs = torch.from_numpy(np.array(doc_embs, dtype=np.float32))  # a writable in-RAM copy of the (memory-mapped) corpus
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     queries = torch.as_tensor(np.asarray(train_set.query_embs, dtype=np.float32))

