@@ -128,3 +128,15 @@ def encoder():
     enc = Encoder(EncoderConfig(), device="cpu", batch_size=16)
     enc.model  # load now, so per-test timings do not include it
     return enc
+
+
+# --------------------------------------------------------------------------- hypothesis profiles (fuzz tests)
+# `default`: bounded, so the whole default suite stays fast; `long`: `pytest --hypothesis-profile=long`
+# (add `--hypothesis-show-statistics` to see how many cases each fuzz test tried). Deadlines are off: this
+# machine's timings are noisy; the fuzz tests bound their own inputs instead.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_FUZZ_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+settings.register_profile("default", max_examples=60, deadline=None, suppress_health_check=_FUZZ_HEALTH)
+settings.register_profile("long", max_examples=3000, deadline=None, suppress_health_check=_FUZZ_HEALTH)
+settings.load_profile("default")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -193,3 +194,91 @@ def test_novelty_gate_uses_adapter_near_training_queries_and_frozen_scores_far_f
 def test_gate_config_must_be_complete():
     with pytest.raises(ConfigError, match="novelty gate"):
         IMRNNConfig(memory_size=3)
+
+
+# --------------------------------------------------------------------------- hostile checkpoint files
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that a loader executed code from the checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _small_checkpoint(tmp_path):
+    return save_checkpoint(Checkpoint(IMRNN(IMRNNConfig(embedding_dim=16, hidden_dim=8)), EncoderConfig(), TrainConfig()), tmp_path / "c")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header_only", "empty", "pickle", "torch_save", "inf", "float64"])
+def test_damaged_or_foreign_weights_are_refused_without_unpickling(tmp_path, damage):
+    import pickle
+
+    folder = _small_checkpoint(tmp_path)
+    weights = folder / "model.safetensors"
+    marker = tmp_path / "code-was-executed"
+    raw = weights.read_bytes()
+    if damage == "truncated":
+        weights.write_bytes(raw[: len(raw) - 100])
+    elif damage == "header_only":
+        weights.write_bytes(raw[:8])
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "pickle":
+        weights.write_bytes(pickle.dumps({"projection.weight": _Payload(marker)}))
+    elif damage == "torch_save":
+        torch.save({"projection.weight": torch.zeros(16, 16), "x": _Payload(marker)}, weights)
+    else:
+        state = load_file(str(weights))
+        if damage == "inf":
+            state["query_adapter.out.bias"][3] = float("inf")
+        else:
+            state["projection.weight"] = state["projection.weight"].double()
+        save_file(state, str(weights))
+    match = {"inf": "NaN or Inf", "float64": "dtype F64, expected F32"}.get(damage, "not a readable safetensors file")
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(folder)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda p: p["model_config"].update(embedding_dim="16"), "embedding_dim must be int, got str"),
+    (lambda p: p["model_config"].update(embedding_dim=16.5), "embedding_dim must be int, got float"),
+    (lambda p: p["model_config"].update(identity_init="yes"), "identity_init must be bool"),
+    (lambda p: p["model_config"].update(feedback_docs=True), "feedback_docs must be int, got bool"),
+    (lambda p: p["model_config"].update(dropout=None), "dropout must be float"),
+    (lambda p: p["model_config"].update(hidden_dim=10**9), "has shape"),  # checked from the header: no huge allocation
+    (lambda p: p["model_config"].update(surprise=1), "Unknown IMRNNConfig fields"),
+    (lambda p: p.update(model_config=[16, 8]), '"model_config" must be a JSON object'),
+    (lambda p: p.update(encoder="minilm"), '"encoder" must be a JSON object'),
+    (lambda p: p["encoder"].update(query_prefix=5), "query_prefix must be str"),
+    (lambda p: p["encoder"].update(max_length="512"), "max_length must be int or None"),
+    (lambda p: p["train_config"].update(lr=float("nan")), "lr must be float, got float nan"),
+    (lambda p: p["train_config"].update(epochs="30"), "epochs must be int"),
+    (lambda p: p.update(format="1"), "checkpoint format '1'"),
+])
+def test_config_json_with_wrong_types_is_refused(tmp_path, edit, fragment):
+    folder = _small_checkpoint(tmp_path)
+    payload = json.loads((folder / "config.json").read_text())
+    edit(payload)
+    (folder / "config.json").write_text(json.dumps(payload))
+    with pytest.raises(CheckpointError, match=re.escape(fragment)):
+        load_checkpoint(folder)
+
+
+@pytest.mark.parametrize("raw", [b"", b"[1, 2]", b'{"format": 1', b"[" * 100_000, b'{"format": 1, "x": "\xff"}'])
+def test_unreadable_config_json_is_refused(tmp_path, raw):
+    folder = _small_checkpoint(tmp_path)
+    (folder / "config.json").write_bytes(raw)
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_checkpoint(folder)
+
+
+def test_train_config_refuses_non_finite_numbers():
+    with pytest.raises(ConfigError, match="finite"):
+        TrainConfig(lr=float("nan"))
+    with pytest.raises(ConfigError, match="finite"):
+        TrainConfig(temperature=float("inf"))

@@ -12,17 +12,19 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from . import __version__
 from .encode import EncoderConfig
 from .errors import CheckpointError, ConfigError
-from .config import IMRNNConfig, TrainConfig
+from .config import IMRNNConfig, TrainConfig, check_types
 from .model import IMRNN
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = 1
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
 @dataclass
@@ -85,34 +87,52 @@ def load_checkpoint(directory: str | Path, device: str = "cpu", expected_dim: in
         if not path.is_file():
             raise CheckpointError(f"Checkpoint {directory} is incomplete: {path.name} is missing. Re-train or re-copy the folder.")
     try:
-        payload = json.loads(config_path.read_text())
+        payload = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise CheckpointError(f"{config_path} is not readable JSON ({type(err).__name__}: {str(err)[:120]}). Re-train or re-copy the folder.") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{config_path} must hold a JSON object, got {type(payload).__name__}. Re-train or re-copy the folder.")
+    if payload.get("format") != FORMAT:
+        raise CheckpointError(f"{config_path}: checkpoint format {str(payload.get('format'))[:20]!r}, this imrnn reads format {FORMAT}.")
+    try:
+        for key, kinds in (("model_config", dict), ("encoder", dict), ("train_config", (dict, type(None)))):
+            if not isinstance(payload.get(key), kinds):
+                raise TypeError(f'"{key}" must be a JSON object, got {type(payload.get(key)).__name__}')
         model_config = IMRNNConfig.from_dict(payload["model_config"])
         encoder_fields = {k: v for k, v in payload["encoder"].items() if k != "dimension"}
-        encoder = EncoderConfig(**encoder_fields)
+        encoder = EncoderConfig(**check_types(EncoderConfig, encoder_fields))
         train_config = TrainConfig.from_dict(payload["train_config"]) if payload.get("train_config") else None
-    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as err:
+    except (KeyError, TypeError, ConfigError) as err:
         raise CheckpointError(f"{config_path} is not a valid imrnn checkpoint config ({err}).") from None
-    if payload.get("format") != FORMAT:
-        raise CheckpointError(f"{config_path}: checkpoint format {payload.get('format')!r}, this imrnn reads format {FORMAT}.")
     if expected_dim is not None and expected_dim != model_config.embedding_dim:
         raise CheckpointError(
             f"The checkpoint's adapter expects {model_config.embedding_dim}-d embeddings but the encoder gives "
             f"{expected_dim}-d. Use the encoder it was trained with ({payload['encoder'].get('model')})."
         )
+    with torch.device("meta"):  # shapes implied by config.json, without allocating (a hostile config may be huge)
+        expected = {k: (tuple(v.shape), v.dtype) for k, v in IMRNN(model_config).state_dict().items()}
     try:
-        state = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{weights_path} is not a readable safetensors file ({err}).") from None
-    model = IMRNN(model_config)
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{weights_path}: missing tensors {missing}, unexpected tensors {unexpected}; the file does not match config.json.")
+        with safe_open(str(weights_path), framework="pt") as handle:  # header first: names, shapes, dtypes
+            names = set(handle.keys())
+            missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
+            if missing or unexpected:
+                raise CheckpointError(f"{weights_path}: missing tensors {missing}, unexpected tensors {unexpected[:10]}; the file does not match config.json.")
+            for name in sorted(names):
+                header = handle.get_slice(name)
+                shape, dtype = tuple(header.get_shape()), header.get_dtype()
+                if shape != expected[name][0]:
+                    raise CheckpointError(f"{weights_path}: tensor {name} has shape {shape}, config.json implies {expected[name][0]}.")
+                if dtype != _SAFETENSORS_DTYPES.get(expected[name][1]):
+                    raise CheckpointError(f"{weights_path}: tensor {name} has dtype {dtype}, expected {_SAFETENSORS_DTYPES.get(expected[name][1])}.")
+            state = {name: handle.get_tensor(name) for name in sorted(names)}
+    except CheckpointError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file ({str(err)[:200]}). Re-train or re-copy the folder.") from None
     for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise CheckpointError(f"{weights_path}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name].shape)}.")
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{weights_path}: tensor {name} holds NaN or Inf values; the checkpoint is corrupt.")
+    model = IMRNN(model_config)
     model.load_state_dict(state, strict=True)
     model.to(device).eval()
     metadata = {k: v for k, v in payload.items() if k not in ("model_config", "train_config", "encoder")}

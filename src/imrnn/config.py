@@ -91,7 +91,7 @@ class IMRNNConfig:
 class TrainConfig:
     """How the adapters are trained; every field maps to an `imrnn train` flag."""
 
-    loss: str = "listwise"
+    loss: str = "margin"
     epochs: int = 30
     batch_size: int = 32
     lr: float = 1e-3

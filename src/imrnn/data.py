@@ -9,6 +9,7 @@ import random
 import re
 import shutil
 import tempfile
+import unicodedata
 import urllib.error
 import urllib.request
 import warnings
@@ -84,7 +85,7 @@ class QuerySet:
         text = dict(zip(self.ids, self.texts))
         missing = [q for q in ids if q not in text]
         if missing:
-            raise DataError(f"{len(missing)} query ids are not in split {self.name!r} (first: {missing[0]!r}).")
+            raise DataError(f"{len(missing)} query ids are not in split {self.name!r} (first: {_clip(missing[0])}).")
         return QuerySet(name or self.name, list(ids), [text[q] for q in ids], {q: self.qrels[q] for q in ids})
 
 
@@ -117,19 +118,70 @@ class Dataset:
 # --------------------------------------------------------------------------- reading files
 
 
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+_SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_RELEVANCE = 2**31 - 1  # pytrec_eval stores grades as C ints; larger values would silently wrap
+
+
+def _clip(value: object, limit: int = 80) -> str:
+    """`repr` of a value cut to `limit` characters, so error messages stay short even for huge lines."""
+    text = str(value)
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) for each line of a UTF-8 file, with a clear error on undecodable bytes."""
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                yield number, raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as err:
-                raise DataError(
-                    f"{path}:{number}: bytes that are not UTF-8 ({err.reason} at byte {err.start}). "
-                    "Re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
-                ) from None
+    """(line number, text) for each line of a UTF-8 file (optional BOM; `\\n`, `\\r\\n` or `\\r` line ends).
+
+    Raises DataError, naming file and line, on unreadable files, UTF-16/32 files, NUL bytes and bytes that are
+    not UTF-8. Unicode line separators inside a line (U+2028, U+0085 ...) are kept: they may sit inside JSON strings.
+    """
+    try:
+        handle = open(path, "rb")
+    except OSError as err:
+        raise DataError(f"Cannot read {path}: {err.strerror or err}. Check that it is a readable file.") from None
+    with handle:
+        number = 0
+        try:
+            for raw in handle:
+                if number == 0:
+                    for bom, name in _WIDE_BOMS:
+                        if raw.startswith(bom):
+                            raise DataError(
+                                f"{path} is {name}-encoded (it starts with a {name} byte-order mark); imrnn reads UTF-8. "
+                                f"Re-save it as UTF-8 (e.g. `iconv -f {name.lower()} -t utf-8`)."
+                            )
+                    if raw.startswith(b"\xef\xbb\xbf"):
+                        raw = raw[3:]
+                body = raw[:-1] if raw.endswith(b"\n") else raw
+                parts = body.split(b"\r")
+                if len(parts) > 1 and parts[-1] == b"":  # "\r\n", or a final lone "\r"
+                    parts.pop()
+                for part in parts:
+                    number += 1
+                    if b"\x00" in part:
+                        raise DataError(
+                            f"{path}:{number}: NUL byte at byte {part.index(bytes(1))}: this is not a UTF-8 text file "
+                            "(binary, or UTF-16 without a byte-order mark). Re-save it as UTF-8 text."
+                        )
+                    try:
+                        yield number, part.decode("utf-8")
+                    except UnicodeDecodeError as err:
+                        raise DataError(
+                            f"{path}:{number}: bytes that are not UTF-8 ({err.reason} at byte {err.start}). "
+                            "Re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+                        ) from None
+        except OSError as err:
+            raise DataError(f"Cannot read {path} (after line {number}): {err.strerror or err}.") from None
+
+
+def _check_id(path: Path, number: int, value: str, what: str) -> str:
+    """An id must be one token: non-empty, no whitespace or control characters (TREC files split on whitespace)."""
+    if value.split() != [value] or any(unicodedata.category(c) in ("Cc", "Cs") for c in value):
+        raise DataError(
+            f"{path}:{number}: {what} {_clip(value)} contains whitespace or control characters. Ids must be single "
+            "tokens, because qrels and TREC run files separate their columns by whitespace; rename it."
+        )
+    return value
 
 
 def _read_jsonl(path: Path, kind: str) -> Iterator[tuple[int, dict]]:
@@ -145,13 +197,20 @@ def _read_jsonl(path: Path, kind: str) -> Iterator[tuple[int, dict]]:
                 f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}). "
                 "Each line must be one JSON object, e.g. {\"_id\": \"d1\", \"title\": \"\", \"text\": \"...\"}."
             ) from None
+        except (ValueError, RecursionError) as err:  # integers over 4300 digits, absurdly deep nesting
+            reason = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(":")[0]
+            raise DataError(f"{path}:{number}: unreadable JSON ({reason}). Each line must be one flat JSON object.") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}. Each line must be one object.")
-        if "_id" not in record or not isinstance(record["_id"], (str, int)) or str(record["_id"]) == "":
+        rid = record.get("_id")
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) == "":
             raise DataError(f"{path}:{number}: missing or empty \"_id\" in {kind} record. Give every record a unique \"_id\" string.")
+        _check_id(path, number, str(rid), "\"_id\"")
         for key in ("title", "text"):
             if key in record and record[key] is not None and not isinstance(record[key], str):
                 raise DataError(f"{path}:{number}: \"{key}\" must be a string, got {type(record[key]).__name__}.")
+            if isinstance(record.get(key), str) and _SURROGATE.search(record[key]):
+                record[key] = _SURROGATE.sub("\ufffd", record[key])  # lone \\ud800-style escapes: not encodable text
         yield number, record
 
 
@@ -164,7 +223,7 @@ def _read_records(path: Path, kind: str) -> tuple[list[str], list[str], list[str
         rid = str(record["_id"])
         if rid in seen:
             raise DataError(
-                f"{path}:{number}: duplicate _id {rid!r} (first seen on line {seen[rid]}). Ids must be unique; remove or rename one."
+                f"{path}:{number}: duplicate _id {_clip(rid)} (first seen on line {seen[rid]}). Ids must be unique; remove or rename one."
             )
         seen[rid] = number
         ids.append(rid)
@@ -195,11 +254,45 @@ def read_qrels(path: str | Path) -> Qrels:
         try:
             value = int(rel)
         except ValueError:
-            raise DataError(f"{path}:{number}: relevance {rel!r} is not an integer. Use integer grades such as 0, 1, 2.") from None
+            raise DataError(f"{path}:{number}: relevance {_clip(rel)} is not an integer. Use integer grades such as 0, 1, 2.") from None
+        if abs(value) > MAX_RELEVANCE:
+            raise DataError(f"{path}:{number}: relevance {_clip(rel)} is out of range; grades are small integers such as 0, 1, 2.")
         qrels.setdefault(qid, {})[doc] = value
     if not qrels:
         raise DataError(f"{path}: no judgements found. The file must hold lines `query-id corpus-id score`.")
     return qrels
+
+
+def read_ids(path: str | Path, count: int | None = None, what: str = "document") -> list[str]:
+    """Ids from a text file (one per line, blank lines skipped) or a `.json` list (e.g. a cache entry's ids.json).
+
+    Every id must be a single token and unique; with `count`, there must be exactly that many (one per row)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Missing {what} ids file {path}. Give a text file with one id per line, or a JSON list of strings.")
+    if path.suffix == ".json":
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+            raise DataError(f"{path} is not a readable JSON list of ids ({type(err).__name__}).") from None
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise DataError(f"{path} must hold a JSON list of id strings, e.g. [\"d1\", \"d2\"].")
+        numbered: Iterator[tuple[int, str]] = enumerate(values, start=1)
+    else:
+        numbered = ((n, line.strip()) for n, line in _lines(path) if line.strip())
+    ids: list[str] = []
+    seen: set[str] = set()
+    for number, value in numbered:
+        _check_id(path, number, value, f"{what} id")
+        if value in seen:
+            raise DataError(f"{path}:{number}: duplicate {what} id {_clip(value)}. Ids must be unique.")
+        seen.add(value)
+        ids.append(value)
+    if count is not None and len(ids) != count:
+        raise DataError(
+            f"{path} holds {len(ids)} {what} ids but the embeddings have {count} rows. Give exactly one id per row, in row order."
+        )
+    return ids
 
 
 def fingerprint_texts(ids: Sequence[str], texts: Sequence[str]) -> str:
@@ -210,7 +303,7 @@ def fingerprint_texts(ids: Sequence[str], texts: Sequence[str]) -> str:
 
 
 def _natural_key(value: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", value))
+    return tuple(int(p) if p.isdecimal() else p for p in re.split(r"(\d+)", value))
 
 
 def load_beir(path: str | Path, drop_unknown: bool = False, name: str | None = None) -> Dataset:

@@ -212,41 +212,115 @@ def encode_cached(
             return hit
         partial = root / f"{key}.partial"
         partial.mkdir(exist_ok=True)
-        _write_json_atomic(partial / "manifest.json", manifest)
-        order = np.argsort([len(t) for t in texts], kind="stable")
-        starts = range(0, len(texts), chunk_size)
-
-        def chunk_file(start: int) -> Path:  # named by rows, so a resume with another chunk_size never misreads one
-            return partial / f"chunk_{start:09d}_{min(chunk_size, len(texts) - start):06d}.npy"
-
-        todo = [s for s in starts if not chunk_file(s).exists()]
-        bar = tqdm(total=len(texts), initial=len(texts) - sum(min(chunk_size, len(texts) - s) for s in todo),
-                   desc=f"encoding {kind}s", unit=kind[0], disable=not progress, dynamic_ncols=True)
-        for start in todo:
-            chunk = order[start : start + chunk_size]
-            embs = encoder.encode([texts[i] for i in chunk], prefix)
-            _save_npy_atomic(chunk_file(start), embs)
-            bar.update(len(chunk))
-        bar.close()
-        first = np.load(chunk_file(0), mmap_mode="r")
-        matrix = np.lib.format.open_memmap(partial / "embeddings.npy", mode="w+", dtype=np.float32,
-                                           shape=(len(texts), first.shape[1]))
-        for start in starts:
-            matrix[order[start : start + chunk_size]] = np.load(chunk_file(start))
-        matrix.flush()
-        del matrix
-        _write_json_atomic(partial / "ids.json", list(ids))
+        for leftover in partial.glob(".*.tmp*"):  # half-written files of a killed run (we hold the lock)
+            leftover.unlink()
+        if _load_entry(partial, manifest) is None:  # else: assembled, but killed before the publishing rename
+            _build_entry(encoder, ids, texts, partial, manifest, prefix, kind, chunk_size, progress)
         for stale in partial.glob("chunk_*.npy"):  # this run's chunks and any left by another chunk_size
             stale.unlink()
-        manifest_done = dict(manifest, dimension=int(first.shape[1]), complete=True)
-        _write_json_atomic(partial / "manifest.json", manifest_done)
-        if final.exists():  # a stale or mismatching entry under the same key: replace it
-            shutil.rmtree(final)
+        if final.exists():  # a stale or mismatching entry under the same key: move it aside, then replace it
+            trash = root / f".{key}.trash{os.getpid()}"
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
         os.replace(partial, final)
     loaded = _load_entry(final, manifest)
     if loaded is None:
         raise OSError(f"The embedding cache entry {final} could not be read back after writing; check the disk.")
     return loaded
+
+
+def _build_entry(encoder: Encoder, ids: Sequence[str], texts: Sequence[str], partial: Path, manifest: dict[str, Any],
+                 prefix: str, kind: str, chunk_size: int, progress: bool) -> None:
+    """Encode the missing length-sorted chunks into `partial`, then assemble them into a complete entry there."""
+    _write_json_atomic(partial / "manifest.json", manifest)
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    starts = range(0, len(texts), chunk_size)
+
+    def chunk_file(start: int) -> Path:  # named by rows, so a resume with another chunk_size never misreads one
+        return partial / f"chunk_{start:09d}_{min(chunk_size, len(texts) - start):06d}.npy"
+
+    todo = [s for s in starts if not _chunk_ok(chunk_file(s), min(chunk_size, len(texts) - s))]
+    bar = tqdm(total=len(texts), initial=len(texts) - sum(min(chunk_size, len(texts) - s) for s in todo),
+               desc=f"encoding {kind}s", unit=kind[0], disable=not progress, dynamic_ncols=True)
+    for start in todo:
+        chunk = order[start : start + chunk_size]
+        embs = encoder.encode([texts[i] for i in chunk], prefix)
+        bad = ~np.isfinite(embs).all(axis=1)
+        if bad.any():
+            first = int(chunk[np.argmax(bad)])
+            raise ConfigError(
+                f"The encoder produced NaN or Inf for {int(bad.sum())} of {len(chunk)} {kind}s (first: id {ids[first]!r}, "
+                f"text {texts[first][:60]!r}). Such embeddings would poison every score; check the model files, or "
+                "encode with --precision fp32."
+            )
+        _save_npy_atomic(chunk_file(start), embs)
+        bar.update(len(chunk))
+    bar.close()
+    first = np.load(chunk_file(0), mmap_mode="r")
+    matrix = np.lib.format.open_memmap(partial / "embeddings.npy", mode="w+", dtype=np.float32,
+                                       shape=(len(texts), first.shape[1]))
+    written = 0
+    for start in starts:
+        block = np.load(chunk_file(start))
+        matrix[order[start : start + chunk_size]] = block
+        written += block.nbytes
+        if written >= _RELEASE_BYTES:  # rows land scattered: write back and unmap now and then, so RSS stays flat
+            matrix.flush()
+            release_pages(matrix, 0, len(matrix))
+            written = 0
+    matrix.flush()
+    del matrix
+    _write_json_atomic(partial / "ids.json", list(ids))
+    _write_json_atomic(partial / "manifest.json", dict(manifest, dimension=int(first.shape[1]), complete=True))
+
+
+_RELEASE_BYTES = 256 << 20
+
+
+def _chunk_ok(path: Path, rows: int) -> bool:
+    """True if `path` holds a finished chunk of `rows` float32 embeddings (a damaged one is removed)."""
+    if not path.exists():
+        return False
+    try:
+        chunk = np.load(path, mmap_mode="r")
+        if chunk.dtype == np.float32 and chunk.ndim == 2 and chunk.shape[0] == rows:
+            return True
+    except (OSError, ValueError):
+        pass
+    path.unlink(missing_ok=True)
+    return False
+
+
+def release_pages(array: np.ndarray, start: int, stop: int) -> None:
+    """Drop rows `[start, stop)` of a read-only or shared memory map from this process's resident memory.
+
+    The data stays in the file (and usually the page cache); touching the rows again maps them back in. A no-op
+    for arrays that are not file-backed maps, or are copy-on-write maps whose private changes would be lost.
+    """
+    import mmap
+
+    base = array
+    while not isinstance(base, np.memmap) and isinstance(getattr(base, "base", None), np.ndarray):
+        base = base.base
+    handle = getattr(base, "_mmap", None)
+    if handle is None or getattr(base, "mode", "c") not in ("r", "r+", "w+") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    if not array.flags.c_contiguous or array.ndim < 1 or stop <= start:
+        return
+    try:
+        view = np.frombuffer(handle, dtype=np.uint8)
+        offset = array.__array_interface__["data"][0] - view.__array_interface__["data"][0]
+    except (TypeError, ValueError):
+        return
+    row = array.strides[0]
+    page = mmap.PAGESIZE
+    begin = max(0, (offset + start * row) // page * page)
+    end = min(len(handle), offset + stop * row)
+    if end > begin:
+        try:
+            handle.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+        except (OSError, ValueError):
+            pass
 
 
 def encode_corpus(encoder: Encoder, corpus: Corpus, cache_dir: str | Path | None = None, progress: bool = True) -> np.ndarray:

@@ -11,7 +11,7 @@ import numpy as np
 import pytrec_eval
 from scipy import stats
 
-from .data import Qrels, _lines, read_qrels
+from .data import Qrels, _clip, _lines, read_qrels
 from .errors import DataError
 
 Run = dict[str, dict[str, float]]
@@ -115,12 +115,14 @@ def read_run(path: str | Path) -> Run:
         try:
             value = float(score)
         except ValueError:
-            raise DataError(f"{path}:{number}: score {score!r} is not a number. The fifth column must be the score.") from None
+            raise DataError(f"{path}:{number}: score {_clip(score)} is not a number. The fifth column must be the score.") from None
         if not np.isfinite(value):
-            raise DataError(f"{path}:{number}: score {score!r} is not finite. Scores must be real numbers.")
+            raise DataError(f"{path}:{number}: score {_clip(score)} is not finite. Scores must be real numbers.")
         docs = run.setdefault(qid, {})
         if doc in docs:
-            raise DataError(f"{path}:{number}: document {doc!r} appears twice for query {qid!r}. A run lists each document once per query.")
+            raise DataError(
+                f"{path}:{number}: document {_clip(doc)} appears twice for query {_clip(qid)}. A run lists each document once per query."
+            )
         docs[doc] = value
     if not run:
         raise DataError(f"{path}: the run is empty. A TREC run holds lines `qid Q0 docid rank score tag`.")
@@ -142,9 +144,15 @@ def write_run(path: str | Path, run: Run, tag: str = "imrnn") -> None:
 
 
 def hits_to_run(query_ids: Sequence[str], doc_ids: np.ndarray, indices: np.ndarray, scores: np.ndarray) -> Run:
-    """Arrays of document rows and scores -> a run keyed by string ids (skipping -1 padding)."""
+    """Arrays of document rows and scores -> a run keyed by string ids.
+
+    Skips -1 padding and non-finite (-inf: masked) scores, which no TREC run can hold; a document listed twice
+    for a query keeps its first (best-ranked) score. A query with nothing left maps to an empty dict."""
     run: Run = {}
     for qid, rows, vals in zip(query_ids, indices, scores):
-        keep = rows >= 0
-        run[qid] = dict(zip(doc_ids[rows[keep]].tolist(), vals[keep].astype(float).tolist()))
+        keep = (rows >= 0) & np.isfinite(vals)
+        docs: dict[str, float] = {}
+        for doc, value in zip(doc_ids[rows[keep]].tolist(), vals[keep].astype(float).tolist()):
+            docs.setdefault(doc, value)
+        run[qid] = docs
     return run

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError
+from .encode import release_pages
+from .errors import ConfigError, DataError
 
 BACKENDS = ("exact", "faiss-flat", "faiss-hnsw")
 
@@ -27,16 +28,26 @@ def _sort_topk(indices: np.ndarray, scores: np.ndarray, k: int) -> Hits:
 
 
 def exact_search(queries: np.ndarray, docs: np.ndarray, k: int, chunk_size: int = 65536) -> Hits:
-    """Exact inner-product top-k, reading `docs` (possibly a memmap) in row chunks so memory stays bounded."""
+    """Exact inner-product top-k, reading `docs` (possibly a memmap) in row chunks so memory stays bounded.
+
+    Rows of a memory-mapped corpus are released from resident memory once scored, and the chunk shrinks for
+    large query batches, so peak memory does not grow with the corpus. k > N pads with -1 / -inf. Zero vectors
+    are allowed (they score 0); NaN or Inf in queries or documents is a ConfigError naming the first bad row.
+    """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     _check_shapes(queries, docs, k)
+    _check_finite(queries, "query")
     n_q, n_docs = len(queries), len(docs)
     k_eff = min(k, n_docs)
+    chunk_size = max(1, min(chunk_size, max(1024, _MAX_BLOCK_SCORES // max(n_q, 1))))
     best_idx = np.full((n_q, 0), -1, dtype=np.int64)
     best_scores = np.full((n_q, 0), -np.inf, dtype=np.float32)
     for start in range(0, n_docs, chunk_size):
         block = np.asarray(docs[start : start + chunk_size], dtype=np.float32)
         scores = queries @ block.T
+        if not np.isfinite(scores).all():  # a non-finite document value always makes its scores non-finite
+            _check_finite(block, "document", start)
+        release_pages(docs, start, start + len(block))
         take, width = min(k_eff, scores.shape[1]), scores.shape[1]
         if take < width:
             part = np.argpartition(-scores, take - 1, axis=1)[:, :take]
@@ -61,6 +72,37 @@ def _pad(hits: Hits, k: int) -> Hits:
         np.concatenate([hits.indices, np.full((n_q, missing), -1, np.int64)], 1),
         np.concatenate([hits.scores, np.full((n_q, missing), -np.inf, np.float32)], 1),
     )
+
+
+_MAX_BLOCK_SCORES = 1 << 25  # query x document scores per block (~128 MiB of float32, plus argpartition's indices)
+
+
+def _check_finite(array: np.ndarray, what: str, offset: int = 0) -> None:
+    """ConfigError naming the first row holding NaN or Inf."""
+    bad = ~np.isfinite(array).all(axis=-1)
+    if bad.any():
+        row = int(np.argmax(bad)) + offset
+        raise ConfigError(
+            f"{int(bad.sum())} {what} embedding(s) hold NaN or Inf values (first: {what} row {row}). Scores against them "
+            "are meaningless; re-encode those texts (e.g. with --precision fp32) or drop the rows."
+        )
+
+
+def open_embeddings(path: str | Path, what: str = "corpus") -> np.ndarray:
+    """A float32 `(N, d)` .npy file, memory-mapped read-only (never unpickled), with a DataError if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Missing {what} embeddings file {path}. Give a float32 (N, d) .npy file (numpy.save).")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"{path} is not a readable .npy file ({err}). Write it with numpy.save(path, float32_array).") from None
+    if array.ndim != 2 or array.dtype != np.float32 or 0 in array.shape:
+        raise DataError(
+            f"{path} holds a {array.dtype} array of shape {array.shape}; {what} embeddings must be a non-empty float32 "
+            "(N, d) array. Convert with array.astype(numpy.float32)."
+        )
+    return array
 
 
 def _check_shapes(queries: np.ndarray, docs: np.ndarray, k: int) -> None:
@@ -104,7 +146,10 @@ class FaissIndex:
             self.index = faiss.IndexHNSWFlat(dim, self._hnsw_m, faiss.METRIC_INNER_PRODUCT)
             self.index.hnsw.efConstruction = self._ef_construction
         for start in range(0, len(docs), chunk_size):
-            self.index.add(np.ascontiguousarray(docs[start : start + chunk_size], dtype=np.float32))
+            block = np.ascontiguousarray(docs[start : start + chunk_size], dtype=np.float32)
+            _check_finite(block, "document", start)
+            self.index.add(block)
+            release_pages(docs, start, start + len(block))
         return self
 
     def save(self, path: str | Path) -> None:
@@ -120,9 +165,14 @@ class FaissIndex:
     def search(self, queries: np.ndarray, k: int) -> Hits:
         if self.index is None:
             raise ConfigError("Build or load the faiss index before searching.")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.index.d:
+            raise ConfigError(f"queries must be a (Q, {self.index.d}) array for this index, got shape {queries.shape}.")
+        if k < 1:
+            raise ConfigError(f"k must be at least 1, got {k}.")
+        _check_finite(queries, "query")
         if self.kind == "hnsw":
             self.index.hnsw.efSearch = max(self.ef_search, k)
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
         total = self.index.ntotal
         fetch = k + 1 if self.kind == "flat" and k < total else k
         while True:

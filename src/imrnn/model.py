@@ -140,6 +140,8 @@ class IMRNN(nn.Module):
         """q_hat = norm(q * mean(gamma_d) + mean(beta_d)) over the top-m candidates under the current query."""
         scores = torch.einsum("bd,bkd->bk", current, modulated).masked_fill(~mask, float("-inf"))
         m = min(self.config.feedback_docs, modulated.shape[1])
+        if m == 0:  # no candidates at all: no feedback, as for an all-masked row
+            return F.normalize(query, dim=-1)
         top = scores.topk(m, dim=1).indices
         feedback = modulated.gather(1, top[:, :, None].expand(-1, -1, modulated.shape[-1]))
         valid = mask.gather(1, top).unsqueeze(-1).to(feedback.dtype)

@@ -129,14 +129,36 @@ def save_state(directory: str | Path, state: TrainState, key: str) -> Path:
                 os.fsync(handle.fileno())
         target = directory / f"epoch-{state.epoch:05d}"
         if target.exists():
-            shutil.rmtree(target)
+            _discard(target)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for other in directory.iterdir():
         if other != target and (other.name.startswith(".tmp-") or _EPOCH_DIR.match(other.name)):
-            shutil.rmtree(other, ignore_errors=True)
+            _discard(other)
     return target
+
+
+def _discard(folder: Path) -> None:
+    """Delete a folder without ever leaving a half-deleted one under its name: rename it aside, then delete."""
+    trash = folder if folder.name.startswith(".tmp-") else folder.with_name(f".tmp-old-{folder.name}-{os.getpid()}")
+    if trash != folder:
+        shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.replace(folder, trash)
+        except OSError:
+            return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def discard_state(directory: str | Path) -> None:
+    """Remove a whole state folder (after its checkpoint was written) by renaming it aside first."""
+    directory = Path(directory)
+    if directory.is_dir():
+        trash = directory.with_name(f".{directory.name}.trash{os.getpid()}")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(directory, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def clear_state(directory: str | Path) -> None:
@@ -145,7 +167,7 @@ def clear_state(directory: str | Path) -> None:
     if directory.is_dir():
         for other in directory.iterdir():
             if other.name.startswith(".tmp-") or _EPOCH_DIR.match(other.name):
-                shutil.rmtree(other, ignore_errors=True)
+                _discard(other)
 
 
 def has_state(directory: str | Path) -> bool:

@@ -128,6 +128,8 @@ class IMRNNRetriever:
         keys = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(documents))]
         if len(keys) != len(documents):
             raise ConfigError(f"Got {len(documents)} documents but {len(keys)} ids.")
+        if len(set(keys)) != len(keys):
+            raise ConfigError("rerank() ids must be unique: a ranking lists each document once.")
         query_emb = self.encoder.encode_queries([query])
         doc_embs = self.encoder.encode(list(documents), self.encoder.config.passage_prefix)
         self._check_dim(doc_embs.shape[1])

@@ -145,7 +145,7 @@ def train(
     docs = torch.from_numpy(np.array(doc_embs, dtype=np.float32))  # a writable in-RAM copy of the (memory-mapped) corpus
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    queries = torch.as_tensor(np.asarray(train_set.query_embs, dtype=np.float32))
+    queries = torch.from_numpy(np.array(train_set.query_embs, dtype=np.float32))
     candidates = torch.as_tensor(train_set.candidates)
     grades = torch.as_tensor(train_set.grades)
 
