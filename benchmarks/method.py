@@ -40,8 +40,11 @@ def peak_rss_mb() -> float:
 
 def row(label: str, report: dict, seconds: float | None = None) -> str:
     b, a = report["base"], report["adapted"]
-    u = report.get("unseen_relevant") or {"queries": 0}
-    unseen = f"{u['base']['nDCG@10']:.4f} → {u['adapted']['nDCG@10']:.4f} ({u['queries']})" if u.get("queries") else "empty"
+    u = report.get("unseen_relevant")
+    if u is None:
+        unseen = "n/a"  # not computed for this row (Rocchio, the k-fold union)
+    else:
+        unseen = f"{u['base']['nDCG@10']:.4f} → {u['adapted']['nDCG@10']:.4f} ({u['queries']})" if u["queries"] else "empty"
     cells = [label, str(report["queries"])] + [f"{b[m]:.4f} → {a[m]:.4f}" for m in ("nDCG@10", "R@10", "RR@10")]
     cells += [f"{b['R@100']:.4f}", f"{report['p_value']['nDCG@10']:.1e}", f"{report['improved']}/{report['worsened']}", unseen]
     cells.append("" if seconds is None else f"{seconds:.1f}")
@@ -102,7 +105,8 @@ def main() -> None:
         for i, (train_q, test_q) in enumerate(kfold(queries, args.folds, seed=42)):
             config = TrainConfig(seed=42)
             fit_q, val_q = carve_validation(train_q, config.validation_fraction, config.seed)
-            report, secs, run = train_and_report(prepared, fit_q, val_q, test_q, IMRNNConfig(embedding_dim=dim), config, None)
+            seen = {**fit_q.qrels, **val_q.qrels}
+            report, secs, run = train_and_report(prepared, fit_q, val_q, test_q, IMRNNConfig(embedding_dim=dim), config, seen)
             seconds.append(secs)
             d = prepared.ranking(test_q)
             base_runs.update(hits_to_run(test_q.ids, data.corpus.ids, d.candidates, prepared.base_scores(d)))
@@ -126,7 +130,9 @@ def main() -> None:
                 "without A_q": (dataclasses.replace(full, use_query_adapter=False), TrainConfig()),
                 "without A_d": (dataclasses.replace(full, use_doc_adapter=False), TrainConfig()),
                 "iterations = 2": (dataclasses.replace(full, iterations=2), TrainConfig()),
-                "margin loss": (full, TrainConfig(loss="margin")),
+                "other loss (" + ("listwise" if TrainConfig().loss == "margin" else "margin") + ")":
+                    (full, TrainConfig(loss="listwise" if TrainConfig().loss == "margin" else "margin")),
+                "without novelty gate": (full, TrainConfig(novelty_gate=False)),
             }
         for label, (model_config, train_config) in variants.items():
             if train_config.seed != 42:

@@ -73,7 +73,7 @@ def score_candidates(
                 cands = doc_embs[rows.clamp(min=0)].to(device)
             else:
                 cands = torch.from_numpy(np.asarray(doc_embs[np.maximum(rows.numpy(), 0)], dtype=np.float32)).to(device)
-            queries = torch.as_tensor(np.asarray(query_embs[start : start + batch_size], dtype=np.float32)).to(device)
+            queries = torch.from_numpy(np.array(query_embs[start : start + batch_size], dtype=np.float32)).to(device)
             out[start : start + len(rows)] = model(queries, cands, mask.to(device)).scores.float().cpu().numpy()
     return out
 
