@@ -92,11 +92,17 @@ def ours(data: Path, work: Path) -> None:
     write_run(work / "ours_adapted.trec", hits_to_run(test.ids, dataset.corpus.ids, order, scores), "imrnn")
 
     torch.set_num_threads(2)
-    batched, per_query = [], []
-    for _ in range(3):
+    retriever.cache_dir = cache
+    retriever.index(dataset.corpus, progress=False)  # cache hit: embeddings exist; projects the corpus once
+    batched, per_query, searched = [], [], []
+    for _ in range(5):
         t = time.perf_counter()
         retriever.rerank_embeddings(ranked.query_embs, cands)
         batched.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        retriever.search_embeddings(ranked.query_embs, k=100)
+        searched.append(time.perf_counter() - t)
+    for _ in range(3):
         t = time.perf_counter()
         for i in range(len(cands)):
             retriever.rerank_embeddings(ranked.query_embs[i : i + 1], cands[i : i + 1])
@@ -105,6 +111,7 @@ def ours(data: Path, work: Path) -> None:
         "timings": {"encode_s": encode_s, "train_s": train_s, "evaluate_s": evaluate_s},
         "rerank_batch_s": min(batched), "rerank_qps": len(cands) / min(batched),
         "rerank_qps_one_call_per_query": len(cands) / min(per_query),
+        "search_s": min(searched), "search_qps": len(cands) / min(searched),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "gate": result.gate, "best_epoch": result.best_epoch,
     }, indent=2))
@@ -115,6 +122,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/imrnn-vs-official"))
     parser.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--reuse-official", action="store_true",
+                        help="reuse WORKDIR/official.json from an earlier run instead of re-running the authors' package")
     args = parser.parse_args()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -125,7 +134,10 @@ def main() -> None:
     from imrnn.data import load_beir
     from imrnn.evaluate import evaluate_run, read_run
 
-    official = run_official(official_venv(work / "official-venv"), args.data.resolve(), work)
+    if args.reuse_official and (work / "official.json").exists():
+        official = json.loads((work / "official.json").read_text())
+    else:
+        official = run_official(official_venv(work / "official-venv"), args.data.resolve(), work)
     subprocess.run([sys.executable, __file__, "--data", str(args.data), "--workdir", str(work), "--ours-only"], check=True,
                    env={**os.environ, "HF_HUB_OFFLINE": "1", "IMRNN_CACHE_DIR": str(work / "ours-cache")})
     mine = json.loads((work / "ours.json").read_text())
@@ -144,14 +156,16 @@ def main() -> None:
     for label, key, timing, qps, rss in (
         ("imrnns 0.2.3 (authors)", "official", official["timings"], f"{official['rerank_qps']:.0f} (one call per query)", official["peak_rss_mb"]),
         ("imrnn (this repo)", "ours", mine["timings"],
-         f"{mine['rerank_qps']:.0f} (batched); {mine['rerank_qps_one_call_per_query']:.0f} (one call per query)", mine["peak_rss_mb"]),
+         f"{mine['rerank_qps']:.0f} (`rerank_embeddings`, batched); {mine['search_qps']:.0f} (`search_embeddings` on the "
+         f"indexed corpus, first stage included); {mine['rerank_qps_one_call_per_query']:.0f} (one call per query)", mine["peak_rss_mb"]),
     ):
         b, a = scores[f"{key} base"], scores[f"{key} adapted"]
         cells = [f"{b[m]:.4f} → {a[m]:.4f}" for m in measures]
         print(f"| {label} | " + " | ".join(cells) + f" | {timing['encode_s']:.0f} | {timing['train_s']:.0f} | {timing['evaluate_s']:.1f} | {qps} | {rss:.0f} |")
-    ratio = mine["rerank_qps"] / official["rerank_qps"]
-    print(f"\nre-ranking throughput ratio (ours batched / authors): {ratio:.0f}x; our adapter time for 300 x 100: "
-          f"{mine['rerank_batch_s'] * 1000:.0f} ms")
+    print(f"\nthroughput ratios vs the authors' rank_embeddings: rerank_embeddings batched {mine['rerank_qps'] / official['rerank_qps']:.1f}x, "
+          f"search_embeddings {mine['search_qps'] / official['rerank_qps']:.1f}x, one call per query "
+          f"{mine['rerank_qps_one_call_per_query'] / official['rerank_qps']:.1f}x; our adapter time for 300 x 100 (rerank_embeddings): "
+          f"{mine['rerank_batch_s'] * 1000:.0f} ms, search_embeddings {mine['search_s'] * 1000:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -282,3 +282,17 @@ def test_train_config_refuses_non_finite_numbers():
         TrainConfig(lr=float("nan"))
     with pytest.raises(ConfigError, match="finite"):
         TrainConfig(temperature=float("inf"))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"iterations": 2}, {"use_query_adapter": False}, {"use_doc_adapter": False}, {"feedback_docs": 50}])
+def test_fast_inference_scores_equal_forward(kwargs):
+    rng = np.random.default_rng(5)
+    model = randomised(IMRNN(IMRNNConfig(embedding_dim=32, hidden_dim=8, dropout=0.0, identity_init=False, working_dim=16, **kwargs)))
+    model = model.with_gate(torch.from_numpy(unit(rng, 5, 32)), threshold=0.2)
+    q, c = torch.from_numpy(unit(rng, 4, 32)), torch.from_numpy(unit(rng, 4, 9, 32))
+    mask = torch.ones(4, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    slow = model(q, c, mask).scores.detach()
+    fast = model.fast_scores(q, model.project(c).detach(), torch.einsum("bd,bkd->bk", q, c), mask)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+    assert torch.isneginf(fast[1, 6:]).all()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -144,12 +145,69 @@ class IMRNN(nn.Module):
             return F.normalize(query, dim=-1)
         top = scores.topk(m, dim=1).indices
         feedback = modulated.gather(1, top[:, :, None].expand(-1, -1, modulated.shape[-1]))
-        valid = mask.gather(1, top).unsqueeze(-1).to(feedback.dtype)
+        return self._refine_from_feedback(query, feedback, mask.gather(1, top))
+
+    def _refine_from_feedback(self, query: torch.Tensor, feedback: torch.Tensor, valid_mask: torch.Tensor) -> torch.Tensor:
+        """Average the document adapter's transforms over the valid feedback documents and apply them to the query."""
+        valid = valid_mask.unsqueeze(-1).to(feedback.dtype)
         scale, shift = self.doc_adapter(feedback)
         count = valid.sum(1).clamp(min=1.0)
         mean_scale = (scale * valid).sum(1) / count + (1.0 - valid.amax(1))  # no valid feedback -> scale 1
         mean_shift = (shift * valid).sum(1) / count
         return F.normalize(query * mean_scale + mean_shift, dim=-1)
+
+    @torch.inference_mode()
+    def fast_scores(self, queries: torch.Tensor, projected: torch.Tensor, base: torch.Tensor,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The scores of `forward` for inference, without materialising the modulated candidates.
+
+        `projected` is `self.project(candidates)` `[B, K, D]` (computable once per corpus) and `base` the frozen
+        cosine `[B, K]`. Uses q . norm(d * g + b) = (d . (q * g) + q . b) / ||d * g + b|| with
+        ||d * g + b||^2 = d^2 . g^2 + 2 d . (g * b) + b . b, so each round costs a few batched mat-vec products.
+        Inputs are trusted (finite, normalised): use `forward` for validation-checked scoring and explanations.
+        """
+        if mask is None:
+            mask = torch.ones(projected.shape[:2], dtype=torch.bool, device=projected.device)
+        query = self.project(queries)
+        current = query
+        use_q = self.config.use_query_adapter
+        squared = projected * projected if use_q else projected
+        scale = shift = inverse_norm = None
+
+        def score(vector: torch.Tensor) -> torch.Tensor:
+            if not use_q:
+                return torch.einsum("bkd,bd->bk", projected, vector)
+            raw = torch.einsum("bkd,bd->bk", projected, vector * scale) + (vector * shift).sum(-1, keepdim=True)
+            return raw * inverse_norm
+
+        for _ in range(self.config.iterations):
+            if use_q:
+                scale, shift = self.query_adapter(current)
+                norm2 = (torch.einsum("bkd,bd->bk", squared, scale * scale)
+                         + 2.0 * torch.einsum("bkd,bd->bk", projected, scale * shift)
+                         + (shift * shift).sum(-1, keepdim=True))
+                inverse_norm = 1.0 / norm2.clamp_min(0.0).sqrt().clamp_min(1e-12)
+            if self.config.use_doc_adapter:
+                m = min(self.config.feedback_docs, projected.shape[1])
+                if m == 0:
+                    current = query
+                    continue
+                top = score(current).masked_fill(~mask, float("-inf")).topk(m, dim=1).indices
+                feedback = projected.gather(1, top[:, :, None].expand(-1, -1, projected.shape[-1]))
+                if use_q:
+                    feedback = F.normalize(feedback * scale[:, None, :] + shift[:, None, :], dim=-1)
+                current = self._refine_from_feedback(query, feedback, mask.gather(1, top))
+        gate = self.gate(queries)[:, None]
+        scores = gate * score(current) + (1.0 - gate) * base
+        return scores.masked_fill(~mask, float("-inf"))
+
+    @torch.inference_mode()
+    def project_corpus(self, docs: np.ndarray, chunk_size: int = 65536) -> torch.Tensor:
+        """`project` applied to a whole (memory-mapped) corpus in chunks: the cache behind fast re-ranking."""
+        device = next(self.parameters()).device
+        parts = [self.project(torch.from_numpy(np.array(docs[i : i + chunk_size], dtype=np.float32)).to(device))
+                 for i in range(0, len(docs), chunk_size)]
+        return torch.cat(parts) if parts else torch.zeros(0, self.config.dim, device=device)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

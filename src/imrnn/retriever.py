@@ -8,6 +8,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import Corpus
@@ -67,6 +68,7 @@ class IMRNNRetriever:
         self.doc_ids: np.ndarray | None = None
         self.doc_embs: np.ndarray | None = None
         self._faiss: FaissIndex | None = None
+        self._projected: torch.Tensor | None = None
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, device: str = "cpu", **kwargs) -> "IMRNNRetriever":
@@ -86,6 +88,7 @@ class IMRNNRetriever:
         self._check_dim(embs.shape[1])
         self.doc_ids, self.doc_embs = corpus.ids, embs
         self._faiss = FaissIndex(self.backend.split("-", 1)[1]).build(embs) if self.backend != "exact" else None
+        self._projected = self.model.project_corpus(embs)  # once per corpus: search() then only gathers rows
         return self
 
     def _check_dim(self, dim: int) -> None:
@@ -111,8 +114,13 @@ class IMRNNRetriever:
             raise ConfigError(f"k must be at least 1, got {k}.")
         depth = max(self.candidates, k)
         hits = self._faiss.search(query_embs, depth) if self._faiss is not None else exact_search(query_embs, self.doc_embs, depth)
-        cands = self.doc_embs[np.maximum(hits.indices, 0).ravel()].reshape(*hits.indices.shape, -1)
-        scores = self.rerank_embeddings(query_embs, cands, mask=hits.indices >= 0)
+        if self._projected is None or len(self._projected) != len(self.doc_embs):
+            self._projected = self.model.project_corpus(self.doc_embs)
+        valid = hits.indices >= 0
+        rows = torch.from_numpy(np.maximum(hits.indices, 0))
+        queries = torch.from_numpy(np.asarray(query_embs, np.float32)).to(self.device)
+        base = torch.from_numpy(np.where(valid, hits.scores, 0.0).astype(np.float32)).to(self.device)
+        scores = self.model.fast_scores(queries, self._projected[rows], base, torch.from_numpy(valid).to(self.device)).cpu().numpy()
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         rows, adapted, base = (np.take_along_axis(a, order, 1) for a in (hits.indices, scores, hits.scores))
         return [self._ranking(r, a, b) for r, a, b in zip(rows, adapted, base)]
@@ -148,6 +156,13 @@ class IMRNNRetriever:
         cands = candidate_embs if isinstance(candidate_embs, torch.Tensor) else torch.from_numpy(np.asarray(candidate_embs, np.float32))
         valid = None if mask is None else torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask, device=self.device).bool()
         with torch.inference_mode():
-            scores = self.model(queries, cands.to(self.device).float(), valid).scores
+            cands = cands.to(self.device).float()
+            if valid is not None and not bool(valid.all()):
+                cands = cands.masked_fill(~valid[..., None], 0.0)
+            if bool(torch.isfinite(queries).all()) and bool(torch.isfinite(cands).all()) and cands.shape[-1] == queries.shape[-1]:
+                base = torch.einsum("bd,bkd->bk", F.normalize(queries, dim=-1), F.normalize(cands, dim=-1))
+                scores = self.model.fast_scores(queries, self.model.project(cands), base, valid)
+            else:  # the checked path raises a clear error for bad shapes or non-finite values
+                scores = self.model(queries, cands, valid).scores
         return scores if as_torch else scores.cpu().numpy()
 
