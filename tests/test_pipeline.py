@@ -104,3 +104,12 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, encoder):
     namespace: dict = {}
     exec(compile(block.group(1), "README.md", "exec"), namespace)
     assert namespace["ranking"].ids == ["a", "b"]
+
+
+def test_train_with_bm25_negatives_and_listwise_loss(trained, tmp_path):
+    data, cache, _ = trained
+    result = runner.invoke(app, ["train", "--dataset", str(data), "--output", str(tmp_path / "c"), "--cache-dir", str(cache),
+                                 "--epochs", "1", "--validation-fraction", "0.3", "--bm25-negatives", "3", "--loss", "listwise"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "c" / "config.json").read_text())["train_config"]
+    assert saved["bm25_negatives"] == 3 and saved["loss"] == "listwise"
