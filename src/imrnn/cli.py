@@ -310,15 +310,24 @@ def _training_options(func):
     return wrapper
 
 
+CheckpointOutOpt = typer.Option(None, "--output", "-o", help="Checkpoint folder to write [default: <cache>/checkpoints/<dataset>-seed<seed>].")
+TrainSplitOpt = typer.Option("train", "--train-split", help="Split whose queries train the adapter.")
+ValidationSplitOpt = typer.Option("auto", "--validation-split", help="'auto' (dev if present, else carve), 'carve', 'disjoint', or a split name.")
+CandidatesOpt = typer.Option(100, "--k", "-k", help="First-stage candidates the adapter re-ranks (K).")
+ReportJsonOpt = typer.Option(False, "--json", help="Print the evaluation report as JSON instead of a table.")
+ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted training from its last finished epoch (state in <output>.state/).")
+
+
 @app.command()
 @_training_options
 def train(
     dataset: str = typer.Option(..., "--dataset", "-d", help="BEIR dataset name or folder path."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Checkpoint folder to write [default: <cache>/checkpoints/<dataset>-seed<seed>]."),
-    train_split: str = typer.Option("train", "--train-split", help="Split whose queries train the adapter."),
-    validation_split: str = typer.Option("auto", "--validation-split", help="'auto' (dev if present, else carve), 'carve', or a split name."),
+    output: Optional[Path] = CheckpointOutOpt,
+    train_split: str = TrainSplitOpt,
+    validation_split: str = ValidationSplitOpt,
     test_split: Optional[str] = typer.Option("test", "--test-split", help="Split evaluated after training (skipped if absent)."),
-    k: int = typer.Option(100, "--k", "-k", help="First-stage candidates the adapter re-ranks (K)."),
+    k: int = CandidatesOpt,
+    as_json: bool = ReportJsonOpt,
     model: Optional[str] = ModelOpt,
     precision: str = PrecisionOpt,
     device: str = DeviceOpt,
@@ -327,7 +336,7 @@ def train(
     cache_dir: Optional[Path] = CacheDirOpt,
     no_download: bool = NoDownloadOpt,
     drop_unknown: bool = DropUnknownOpt,
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted training from its last finished epoch (state in <output>.state/)."),
+    resume: bool = ResumeOpt,
     flags: dict = None,  # type: ignore[assignment]
 ) -> None:
     """Train IMRNN adapters on a dataset's training queries, evaluate on the test split, save a checkpoint."""
@@ -338,12 +347,12 @@ def train(
 @_training_options
 def run(
     dataset: str = typer.Option("scifact", "--dataset", "-d", help="BEIR dataset name or folder path."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Checkpoint folder to write [default: <cache>/checkpoints/<dataset>-seed<seed>]."),
-    train_split: str = typer.Option("train", "--train-split", help="Split whose queries train the adapter."),
-    validation_split: str = typer.Option("auto", "--validation-split", help="'auto' (dev if present, else carve), 'carve', or a split name."),
+    output: Optional[Path] = CheckpointOutOpt,
+    train_split: str = TrainSplitOpt,
+    validation_split: str = ValidationSplitOpt,
     test_split: str = typer.Option("test", "--test-split", help="Split to evaluate on."),
-    k: int = typer.Option(100, "--k", "-k", help="First-stage candidates the adapter re-ranks (K)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the evaluation report as JSON instead of a table."),
+    k: int = CandidatesOpt,
+    as_json: bool = ReportJsonOpt,
     model: Optional[str] = ModelOpt,
     precision: str = PrecisionOpt,
     device: str = DeviceOpt,
@@ -352,7 +361,7 @@ def run(
     cache_dir: Optional[Path] = CacheDirOpt,
     no_download: bool = NoDownloadOpt,
     drop_unknown: bool = DropUnknownOpt,
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted training from its last finished epoch (state in <output>.state/)."),
+    resume: bool = ResumeOpt,
     flags: dict = None,  # type: ignore[assignment]
 ) -> None:
     """The whole pipeline: encode (or reuse the cache) -> base top-K -> train adapters -> evaluate base vs adapted."""
