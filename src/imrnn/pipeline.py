@@ -12,7 +12,7 @@ from . import __version__
 from .checkpoint import Checkpoint
 from .data import Dataset, QuerySet, carve_validation
 from .encode import Encoder, encode_corpus, encode_queries
-from .evaluate import evaluate_run, hits_to_run, paired_test, per_query
+from .evaluate import hits_to_run, paired_test, per_query
 from .index import search
 from .config import IMRNNConfig, TrainConfig
 from .model import IMRNN
@@ -53,7 +53,7 @@ class Prepared:
 
 def validation_split(dataset: Dataset, train_split: str, validation: str, fraction: float, seed: int) -> tuple[QuerySet, QuerySet]:
     """(train, validation): an official split named by `validation`, or carved from train ('carve': random
-    queries; 'disjoint': query groups sharing no relevant document; 'auto': dev if present, else disjoint)."""
+    queries; 'disjoint': query groups sharing no relevant document; 'auto': dev if present, else carve)."""
     train_queries = dataset.split(train_split)
     if validation == "auto":
         validation = "dev" if "dev" in dataset.splits and train_split != "dev" else "carve"

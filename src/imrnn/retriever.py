@@ -117,10 +117,11 @@ class IMRNNRetriever:
         if self._projected is None or len(self._projected) != len(self.doc_embs):
             self._projected = self.model.project_corpus(self.doc_embs)
         valid = hits.indices >= 0
-        rows = torch.from_numpy(np.maximum(hits.indices, 0))
-        queries = torch.from_numpy(np.asarray(query_embs, np.float32)).to(self.device)
+        candidate_rows = torch.from_numpy(np.maximum(hits.indices, 0))
+        queries = torch.from_numpy(np.array(query_embs, np.float32)).to(self.device)
         base = torch.from_numpy(np.where(valid, hits.scores, 0.0).astype(np.float32)).to(self.device)
-        scores = self.model.fast_scores(queries, self._projected[rows], base, torch.from_numpy(valid).to(self.device)).cpu().numpy()
+        projected = self._projected[candidate_rows]
+        scores = self.model.fast_scores(queries, projected, base, torch.from_numpy(valid).to(self.device)).cpu().numpy()
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         rows, adapted, base = (np.take_along_axis(a, order, 1) for a in (hits.indices, scores, hits.scores))
         return [self._ranking(r, a, b) for r, a, b in zip(rows, adapted, base)]
