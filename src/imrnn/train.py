@@ -241,7 +241,7 @@ def calibrate_gate(model: IMRNN, memory: np.ndarray, validation: RankingSet, doc
               "validation_nDCG@10": {name: float(v.mean()) for name, v in per_option.items()}}
     if chosen == "none":
         return model, report
-    return model.with_gate(torch.as_tensor(np.asarray(memory, np.float32)), float(chosen)), report
+    return model.with_gate(torch.from_numpy(np.array(memory, np.float32)), float(chosen)), report
 
 
 def ranking_set(
