@@ -140,3 +140,33 @@ _FUZZ_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.fu
 settings.register_profile("default", max_examples=60, deadline=None, suppress_health_check=_FUZZ_HEALTH)
 settings.register_profile("long", max_examples=3000, deadline=None, suppress_health_check=_FUZZ_HEALTH)
 settings.load_profile("default")
+
+
+def unit(rng, *shape: int):
+    """Random unit vectors (float32) of the given shape, normalised along the last axis."""
+    import numpy as np
+
+    x = rng.standard_normal(shape).astype(np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def randomised(model, seed: int = 0):
+    """Give every weight (incl. the zero-initialised heads) random values, so the adapter is not the identity."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny inputs: one torch thread is as fast alone and far faster on a shared, busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

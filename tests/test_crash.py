@@ -47,16 +47,7 @@ for _var in ("IMRNN_DATA_DIR", "IMRNN_CACHE_DIR", "XDG_CACHE_HOME"):
     ENV.pop(_var, None)
 
 repeats = pytest.mark.parametrize("repeat", range(REPEAT), ids=lambda r: f"run{r}")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rng_for(test: str, repeat: int) -> tuple[random.Random, str]:

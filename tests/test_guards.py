@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import randomised, unit
 from imrnn.checkpoint import Checkpoint
 from imrnn.config import IMRNNConfig
 from imrnn.encode import Encoder, EncoderConfig, encode_cached
@@ -27,19 +28,6 @@ from imrnn.index import FaissIndex, exact_search, search
 from imrnn.model import IMRNN
 from imrnn.retriever import IMRNNRetriever
 from imrnn.train import score_candidates
-
-
-def unit(rng: np.random.Generator, *shape: int) -> np.ndarray:
-    x = rng.standard_normal(shape).astype(np.float32)
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def randomised(model: IMRNN, seed: int = 0) -> IMRNN:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model.eval()
 
 
 def no_nan(x) -> bool:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomised, unit
 from safetensors.torch import load_file, save_file
 
 from imrnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -18,20 +19,6 @@ from imrnn.index import exact_search
 from imrnn.config import IMRNNConfig, TrainConfig
 from imrnn.model import IMRNN
 from imrnn.train import ranking_set, score_candidates, train
-
-
-def unit(rng: np.random.Generator, *shape: int) -> np.ndarray:
-    x = rng.standard_normal(shape).astype(np.float32)
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def randomised(model: IMRNN, seed: int = 0) -> IMRNN:
-    """Give every weight (incl. the zero-initialised heads) random values, so the adapter is not the identity."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model.eval()
 
 
 def test_untrained_identity_adapter_reproduces_base_ranking():
