@@ -247,6 +247,60 @@ def test_rerank_embeddings_masks_and_types(retriever):
     assert retriever.rerank_embeddings(q, np.zeros((2, 0, 8), np.float32)).shape == (2, 0)
 
 
+def test_rerank_ids_equals_the_checked_forward_on_the_same_candidates(retriever, model):
+    rng = np.random.default_rng(15)
+    queries = unit(rng, 3, 8)
+    lists = [["d4", "d1", "d0"], ["d2", "d5"], ["d3"]]  # ragged: shorter lists are padded internally
+    rankings = retriever.rerank_ids(queries, lists)
+    for query, ids, ranking in zip(queries, lists, rankings):
+        rows = [int(i[1:]) for i in ids]
+        scored = model(torch.from_numpy(query[None]), torch.from_numpy(retriever.doc_embs[rows][None]))
+        expected = dict(zip(ids, scored.scores[0].detach().numpy()))
+        assert sorted(ranking.ids) == sorted(ids) and (np.diff(ranking.scores) <= 0).all()
+        np.testing.assert_allclose(ranking.scores, [expected[i] for i in ranking.ids], atol=1e-5)
+        np.testing.assert_allclose(ranking.base_scores, retriever.doc_embs[[int(i[1:]) for i in ranking.ids]] @ query, atol=1e-6)
+    as_rows = retriever.rerank_ids(queries, np.array([[4, 1, 0], [2, 5, -1], [3, -1, -1]]))
+    assert [r.ids for r in as_rows] == [r.ids for r in rankings]
+    assert [len(r) for r in retriever.rerank_ids(queries, lists, k=1)] == [1, 1, 1]
+
+
+def test_rerank_ids_counts_a_repeated_id_once(retriever):
+    q = unit(np.random.default_rng(16), 1, 8)
+    once, twice = retriever.rerank_ids(q, [["d1", "d2"]])[0], retriever.rerank_ids(q, [["d1", "d2", "d1"]])[0]
+    assert twice.ids == once.ids
+    np.testing.assert_allclose(twice.scores, once.scores, atol=1e-6)
+
+
+@pytest.mark.parametrize("candidates, fragment", [
+    ([["d1", "nope"]], r"Candidate list 0 names document id 'nope'"),
+    ([["d1"], ["d2", "d9"]], r"Candidate list 1 names document id 'd9'"),
+    (["d1", "d2"], "one list of document ids per query"),
+    (np.array([[0, 6]]), r"rows must lie in \[-1, 6\)"),
+    (np.array([0, 1]), r"\(Q, K\) integer array"),
+    ([["d1"], ["d2"]], "Q = 2 candidate lists"),
+])
+def test_rerank_ids_refuses_bad_candidates(retriever, candidates, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        retriever.rerank_ids(unit(np.random.default_rng(17), 1, 8), candidates)
+
+
+def test_rerank_ids_needs_an_index(model):
+    fresh = IMRNNRetriever(Checkpoint(model, EncoderConfig()))
+    with pytest.raises(ConfigError, match=r"index\(corpus\) before rerank_ids"):
+        fresh.rerank_ids(unit(np.random.default_rng(18), 1, 8), [["d1"]])
+
+
+def test_rerank_ids_refuses_non_finite_inputs(retriever):
+    queries = unit(np.random.default_rng(19), 2, 8)
+    queries[1, 2] = np.nan
+    with pytest.raises(ConfigError, match="query row 1"):
+        retriever.rerank_ids(queries, [["d1"], ["d2"]])
+    retriever.doc_embs = retriever.doc_embs.copy()
+    retriever.doc_embs[3, 0] = np.inf
+    with pytest.raises(ConfigError, match="document row 3"):
+        retriever.rerank_ids(queries[:1], [["d3", "d1"]])
+
+
 def test_rerank_refuses_duplicate_ids(retriever):
     with pytest.raises(ConfigError, match="ids must be unique"):
         retriever.rerank("query", ["a", "b"], ids=["x", "x"])

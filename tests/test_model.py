@@ -17,6 +17,7 @@ from imrnn.encode import EncoderConfig
 from imrnn.errors import CheckpointError, ConfigError
 from imrnn.index import exact_search
 from imrnn.config import IMRNNConfig, TrainConfig
+from imrnn import model as model_module
 from imrnn.model import IMRNN
 from imrnn.train import ranking_set, score_candidates, train
 
@@ -272,14 +273,34 @@ def test_train_config_refuses_non_finite_numbers():
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"iterations": 2}, {"use_query_adapter": False}, {"use_doc_adapter": False}, {"feedback_docs": 50}])
-def test_fast_inference_scores_equal_forward(kwargs):
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 20])  # one query per chunk, and all queries in one chunk
+def test_fast_inference_scores_equal_forward(kwargs, chunk_bytes, monkeypatch):
+    monkeypatch.setattr(model_module, "_CHUNK_BYTES", chunk_bytes)
     rng = np.random.default_rng(5)
     model = randomised(IMRNN(IMRNNConfig(embedding_dim=32, hidden_dim=8, dropout=0.0, identity_init=False, working_dim=16, **kwargs)))
     model = model.with_gate(torch.from_numpy(unit(rng, 5, 32)), threshold=0.2)
-    q, c = torch.from_numpy(unit(rng, 4, 32)), torch.from_numpy(unit(rng, 4, 9, 32))
+    corpus = torch.from_numpy(rng.normal(size=(20, 32)).astype(np.float32))  # not normalised: base must be the cosine
+    q = torch.from_numpy(rng.normal(size=(4, 32)).astype(np.float32))
+    rows = torch.from_numpy(rng.integers(0, 20, size=(4, 9)))
     mask = torch.ones(4, 9, dtype=torch.bool)
     mask[1, 6:] = False
-    slow = model(q, c, mask).scores.detach()
-    fast = model.fast_scores(q, model.project(c).detach(), torch.einsum("bd,bkd->bk", q, c), mask)
-    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
-    assert torch.isneginf(fast[1, 6:]).all()
+    slow = model(q, corpus[rows], mask)
+    for scores, base in (model.score_embeddings(q, corpus[rows], mask),
+                         model.score_rows(q, rows, mask, model.cache_corpus(corpus.numpy()))):
+        torch.testing.assert_close(scores, slow.scores.detach(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(base, slow.base_scores.detach(), atol=1e-6, rtol=0)
+        assert torch.isneginf(scores[1, 6:]).all() and torch.isneginf(base[1, 6:]).all()
+
+
+def test_fast_inference_falls_back_to_the_checked_forward_on_bad_input():
+    model = IMRNN(IMRNNConfig(embedding_dim=8, hidden_dim=4)).eval()
+    rng = np.random.default_rng(6)
+    q, c = torch.from_numpy(unit(rng, 3, 8)), torch.from_numpy(unit(rng, 3, 5, 8))
+    c[2, 4, 1] = float("inf")
+    with pytest.raises(ConfigError, match=r"candidate embeddings hold NaN or Inf values \(first at index \(2, 4\)\)"):
+        model.score_embeddings(q, c)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[2, 4] = False  # masked padding may hold anything
+    assert torch.isfinite(model.score_embeddings(q, c, mask)[0][:, :4]).all()
+    with pytest.raises(ConfigError, match="dimension 8/7"):
+        model.score_embeddings(q, c[..., :7])

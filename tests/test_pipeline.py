@@ -95,7 +95,7 @@ def test_retriever_search_matches_rerank_embeddings_and_keeps_ids(tmp_path, enco
     np.testing.assert_allclose(batched, single, atol=1e-6)
 
 
-def test_readme_python_example_runs(tmp_path, monkeypatch, encoder):
+def test_readme_python_example_runs(tmp_path, monkeypatch, encoder, capsys):
     block = re.search(r"## Python API\n\n```python\n(.*?)```", README.read_text(), re.S)
     assert block, "README must keep its Python API example"
     save_checkpoint(Checkpoint(IMRNN(IMRNNConfig(embedding_dim=384)), EncoderConfig()), tmp_path / "checkpoints" / "scifact")
@@ -104,6 +104,8 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, encoder):
     namespace: dict = {}
     exec(compile(block.group(1), "README.md", "exec"), namespace)
     assert namespace["ranking"].ids == ["a", "b"]
+    printed = capsys.readouterr().out.splitlines()  # the rerank_ids lines: peso first, then Tokyo first
+    assert "['d1', 'd3']" in printed and any(line.startswith("['d3',") for line in printed)
 
 
 def test_train_with_bm25_negatives_and_listwise_loss(trained, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -15,7 +16,8 @@ from .data import Corpus
 from .encode import Encoder, encode_cached
 from .errors import ConfigError
 from .index import BACKENDS, FaissIndex, exact_search
-from .model import IMRNN
+from .model import IMRNN, CorpusCache
+from .train import repeated_rows
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,9 @@ class IMRNNRetriever:
         self.doc_ids: np.ndarray | None = None
         self.doc_embs: np.ndarray | None = None
         self._faiss: FaissIndex | None = None
-        self._projected: torch.Tensor | None = None
+        self._cache: CorpusCache | None = None  # model.cache_corpus(doc_embs), made once per corpus
+        self._cache_source: np.ndarray | None = None
+        self._row_of: dict[str, int] | None = None  # document id -> corpus row, for rerank_ids
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, device: str = "cpu", **kwargs) -> "IMRNNRetriever":
@@ -86,9 +90,9 @@ class IMRNNRetriever:
             raise ConfigError("Cannot index an empty corpus.")
         embs = encode_cached(self.encoder, corpus.ids.tolist(), corpus.passages(), self.cache_dir, "passage", progress=progress)
         self._check_dim(embs.shape[1])
-        self.doc_ids, self.doc_embs = corpus.ids, embs
+        self.doc_ids, self.doc_embs, self._row_of = corpus.ids, embs, None
         self._faiss = FaissIndex(self.backend.split("-", 1)[1]).build(embs) if self.backend != "exact" else None
-        self._projected = self.model.project_corpus(embs)  # once per corpus: search() then only gathers rows
+        self._cache, self._cache_source = self.model.cache_corpus(embs), embs  # search() then only gathers rows
         return self
 
     def _check_dim(self, dim: int) -> None:
@@ -108,27 +112,85 @@ class IMRNNRetriever:
 
     def search_embeddings(self, query_embs: np.ndarray, k: int = 10) -> list[Ranking]:
         """`search` from already-computed query embeddings `(Q, d)`."""
-        if self.doc_embs is None or self.doc_ids is None:
-            raise ConfigError("Call index(corpus) before search().")
+        corpus = self._indexed("search()")
         if k < 1:
             raise ConfigError(f"k must be at least 1, got {k}.")
         depth = max(self.candidates, k)
-        hits = self._faiss.search(query_embs, depth) if self._faiss is not None else exact_search(query_embs, self.doc_embs, depth)
-        if self._projected is None or len(self._projected) != len(self.doc_embs):
-            self._projected = self.model.project_corpus(self.doc_embs)
-        valid = hits.indices >= 0
-        candidate_rows = torch.from_numpy(np.maximum(hits.indices, 0))
-        queries = torch.from_numpy(np.array(query_embs, np.float32)).to(self.device)
-        base = torch.from_numpy(np.where(valid, hits.scores, 0.0).astype(np.float32)).to(self.device)
-        projected = self._projected[candidate_rows]
-        scores = self.model.fast_scores(queries, projected, base, torch.from_numpy(valid).to(self.device)).cpu().numpy()
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        rows, adapted, base = (np.take_along_axis(a, order, 1) for a in (hits.indices, scores, hits.scores))
-        return [self._ranking(r, a, b) for r, a, b in zip(rows, adapted, base)]
+        hits = self._faiss.search(query_embs, depth) if self._faiss is not None else exact_search(query_embs, corpus, depth)
+        return self._rerank_rows(np.asarray(query_embs, np.float32), hits.indices, k)
 
-    def _ranking(self, rows: np.ndarray, scores: np.ndarray, base: np.ndarray) -> Ranking:
-        keep = rows >= 0
-        return Ranking(self.doc_ids[rows[keep]].tolist(), scores[keep], base[keep])
+    def rerank_ids(self, query_embs: np.ndarray, candidates: Sequence[Sequence[str]] | np.ndarray,
+                   k: int | None = None) -> list[Ranking]:
+        """Re-rank candidates found by another first stage (BM25, a vector database) for queries `(Q, d)`.
+
+        `candidates` holds one list of document ids of the indexed corpus per query (lists may differ in length;
+        an id repeated in a list counts once), or an integer array `(Q, K)` of corpus rows with -1 as padding.
+        Their projections were computed once by `index()`, so this is the fastest way to re-rank."""
+        self._indexed("rerank_ids()")
+        queries = np.asarray(query_embs, np.float32)
+        rows = self._candidate_rows(candidates)
+        if queries.ndim != 2 or len(queries) != len(rows) or queries.shape[1] != self.doc_embs.shape[1]:
+            raise ConfigError(f"Expected query embeddings (Q, {self.doc_embs.shape[1]}) with Q = {len(rows)} "
+                              f"candidate lists, got shape {queries.shape}.")
+        _check_finite_rows(queries)
+        if k is not None and k < 1:
+            raise ConfigError(f"k must be at least 1, got {k}.")
+        return self._rerank_rows(queries, np.where(repeated_rows(rows), -1, rows), k or rows.shape[1])
+
+    def _indexed(self, what: str) -> np.ndarray:
+        if self.doc_embs is None or self.doc_ids is None:
+            raise ConfigError(f"Call index(corpus) before {what}.")
+        return self.doc_embs
+
+    def _candidate_rows(self, candidates: Sequence[Sequence[str]] | np.ndarray) -> np.ndarray:
+        """Corpus rows `(Q, K)` (-1 = padding) for lists of ids or an integer row array, with clear errors."""
+        if isinstance(candidates, np.ndarray) and np.issubdtype(candidates.dtype, np.integer):
+            if candidates.ndim != 2:
+                raise ConfigError(f"Candidate rows must be a (Q, K) integer array, got shape {candidates.shape}.")
+            if candidates.size and (candidates.min() < -1 or candidates.max() >= len(self.doc_embs)):
+                raise ConfigError(f"Candidate rows must lie in [-1, {len(self.doc_embs)}) (-1 = padding); "
+                                  f"got values from {candidates.min()} to {candidates.max()}.")
+            return candidates.astype(np.int64, copy=False)
+        if isinstance(candidates, (str, bytes)) or any(isinstance(ids, (str, bytes)) for ids in candidates):
+            raise ConfigError("candidates must hold one list of document ids per query, e.g. [['d1', 'd7'], ['d3']].")
+        if self._row_of is None:
+            self._row_of = {doc_id: row for row, doc_id in enumerate(self.doc_ids.tolist())}
+        lists = [ids if isinstance(ids, list) else list(ids) for ids in candidates]
+        lengths = np.array([len(ids) for ids in lists], dtype=np.int64)
+        flat = list(itertools.chain.from_iterable(lists))
+        try:
+            found = np.fromiter(map(self._row_of.__getitem__, flat), dtype=np.int64, count=len(flat))
+        except (KeyError, TypeError):  # ids that are not strings, or unknown ids
+            missing = next((i for i, doc_id in enumerate(flat) if str(doc_id) not in self._row_of), None)
+            if missing is not None:
+                raise ConfigError(f"Candidate list {int(np.searchsorted(np.cumsum(lengths), missing, side='right'))} names "
+                                  f"document id {str(flat[missing])!r}, which is not in the indexed corpus; pass ids of "
+                                  "documents given to index().") from None
+            found = np.fromiter((self._row_of[str(doc_id)] for doc_id in flat), dtype=np.int64, count=len(flat))
+        rows = np.full((len(lists), int(lengths.max(initial=0))), -1, dtype=np.int64)
+        rows[np.arange(rows.shape[1]) < lengths[:, None]] = found
+        return rows
+
+    def _rerank_rows(self, queries: np.ndarray, rows: np.ndarray, k: int) -> list[Ranking]:
+        """Adapted scores for corpus `rows` (-1 = padding) through the projected-corpus cache, best `k` per query."""
+        if self._cache is None or self._cache_source is not self.doc_embs:
+            self._cache, self._cache_source = self.model.cache_corpus(self.doc_embs), self.doc_embs
+        valid = rows >= 0
+        scores, base = self.model.score_rows(
+            torch.from_numpy(queries).to(self.device), torch.from_numpy(np.maximum(rows, 0)).to(self.device),
+            torch.from_numpy(valid).to(self.device), self._cache)
+        scores, base = scores.cpu().numpy(), base.cpu().numpy()
+        broken = np.isnan(scores) & valid
+        if broken.any():
+            raise ConfigError(f"Document embeddings hold NaN or Inf values (document row {rows[broken][0]}); "
+                              "re-index the corpus with index().")
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        rows, adapted, base = (np.take_along_axis(a, order, 1) for a in (rows, scores, base))
+        ids = self.doc_ids[np.maximum(rows, 0)].tolist()
+        if (rows >= 0).all():  # no padding: one vectorised lookup serves every query
+            return [Ranking(i, a, b) for i, a, b in zip(ids, adapted, base)]
+        return [Ranking([d for d, ok in zip(i, keep) if ok], a[keep], b[keep])
+                for i, a, b, keep in zip(ids, adapted, base, rows >= 0)]
 
     def rerank(self, query: str, documents: Sequence[str], ids: Sequence[str] | None = None) -> Ranking:
         """Re-rank the given documents for one query (texts are embedded on the fly, not cached)."""
@@ -153,17 +215,16 @@ class IMRNNRetriever:
 
         Returns the same kind of array it was given (NumPy in, NumPy out; torch in, torch out)."""
         as_torch = isinstance(query_embs, torch.Tensor)
-        queries = torch.as_tensor(np.asarray(query_embs, np.float32) if not as_torch else query_embs, device=self.device).float()
-        cands = candidate_embs if isinstance(candidate_embs, torch.Tensor) else torch.from_numpy(np.asarray(candidate_embs, np.float32))
-        valid = None if mask is None else torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask, device=self.device).bool()
-        with torch.inference_mode():
-            cands = cands.to(self.device).float()
-            if valid is not None and not bool(valid.all()):
-                cands = cands.masked_fill(~valid[..., None], 0.0)
-            if bool(torch.isfinite(queries).all()) and bool(torch.isfinite(cands).all()) and cands.shape[-1] == queries.shape[-1]:
-                base = torch.einsum("bd,bkd->bk", F.normalize(queries, dim=-1), F.normalize(cands, dim=-1))
-                scores = self.model.fast_scores(queries, self.model.project(cands), base, valid)
-            else:  # the checked path raises a clear error for bad shapes or non-finite values
-                scores = self.model(queries, cands, valid).scores
+        queries = torch.as_tensor(query_embs if as_torch else np.asarray(query_embs, np.float32), device=self.device).float()
+        cands = torch.as_tensor(candidate_embs if isinstance(candidate_embs, torch.Tensor)
+                                else np.asarray(candidate_embs, np.float32), device=self.device).float()
+        valid = None if mask is None else torch.as_tensor(mask if isinstance(mask, torch.Tensor) else np.asarray(mask), device=self.device)
+        scores, _ = self.model.score_embeddings(queries, cands, valid)
         return scores if as_torch else scores.cpu().numpy()
+
+
+def _check_finite_rows(queries: np.ndarray) -> None:
+    bad = np.flatnonzero(~np.isfinite(queries).all(axis=1))
+    if len(bad):
+        raise ConfigError(f"Query embeddings hold NaN or Inf values (first at query row {bad[0]}); re-encode that query.")
 

@@ -61,7 +61,7 @@ def score_candidates(
         raise ConfigError(f"candidates must be a (Q, K) array of corpus rows, got shape {candidates.shape}.")
     if candidates.size and int(candidates.max()) >= len(doc_embs):
         raise ConfigError(f"candidate row {int(candidates.max())} is out of range for a corpus of {len(doc_embs)} documents.")
-    candidates = np.where(_repeated(candidates), -1, candidates)
+    candidates = np.where(repeated_rows(candidates), -1, candidates)
     model.eval()
     device = next(model.parameters()).device
     out = np.empty(candidates.shape, dtype=np.float32)
@@ -78,8 +78,11 @@ def score_candidates(
     return out
 
 
-def _repeated(rows: np.ndarray) -> np.ndarray:
+def repeated_rows(rows: np.ndarray) -> np.ndarray:
     """True where a row already appeared earlier in the same list (first occurrences and padding stay False)."""
+    ordered = np.sort(rows, axis=1)
+    if not ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any():  # the usual case, and a fast check
+        return np.zeros(rows.shape, dtype=bool)
     order = np.argsort(rows, axis=1, kind="stable")
     ordered = np.take_along_axis(rows, order, 1)
     repeat = np.zeros(rows.shape, dtype=bool)
