@@ -30,7 +30,9 @@ def test_untrained_identity_adapter_reproduces_base_ranking():
     scores = score_candidates(model, queries, docs, hits.indices)
     np.testing.assert_allclose(scores, hits.scores, atol=1e-5)
     order = np.argsort(-scores, axis=1, kind="stable")
-    assert (np.take_along_axis(hits.indices, order, 1) == hits.indices).all()
+    # the base ranking, up to ties: only documents whose base scores agree to float32 rounding may swap
+    assert (np.diff(np.take_along_axis(hits.scores, order, 1), axis=1) <= 1e-6).all()
+    assert (np.take_along_axis(hits.indices, order, 1) == hits.indices).mean() > 0.99
 
 
 def test_hand_computed_scores_with_query_adapter_only():

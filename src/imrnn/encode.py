@@ -7,10 +7,11 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from filelock import FileLock
@@ -18,6 +19,9 @@ from tqdm.auto import tqdm
 
 from .data import Corpus, QuerySet, default_cache_dir, fingerprint_texts
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _MINILM_NAMES = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "minilm"}
@@ -289,6 +293,16 @@ def _chunk_ok(path: Path, rows: int) -> bool:
         pass
     path.unlink(missing_ok=True)
     return False
+
+
+def tensor_view(embeddings: np.ndarray) -> torch.Tensor:
+    """A float32 torch tensor sharing memory with `embeddings` (a read-only memmap included: callers only read it)."""
+    import torch
+
+    array = np.asarray(embeddings, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def release_pages(array: np.ndarray, start: int, stop: int) -> None:

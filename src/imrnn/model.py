@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import IMRNNConfig
+from .encode import tensor_view
 from .errors import ConfigError
 
 
@@ -62,7 +62,7 @@ def _require_finite(x: torch.Tensor, what: str) -> None:
         )
 
 
-_CHUNK_BYTES = 2 << 20  # candidate floats per inference chunk: small enough for the L2/L3 cache
+_CHUNK_BYTES = 4 << 20  # candidate floats per inference chunk: fits the L3 cache; fewer chunks, fewer op launches
 
 
 def _queries_per_chunk(floats_per_query: int) -> int:
@@ -76,14 +76,6 @@ class CorpusCache:
     projected: torch.Tensor  # [N, D] IMRNN.project(embeddings): unit vectors in the working space
     embeddings: torch.Tensor  # [N, E] the frozen retriever's embeddings (may share memory with a memmap)
     norms: torch.Tensor  # [N] their L2 norms, for the frozen cosine
-
-
-def _tensor_view(embeddings: np.ndarray) -> torch.Tensor:
-    """A float32 tensor sharing memory with `embeddings` (a read-only memmap included: it is only read)."""
-    array = np.asarray(embeddings, dtype=np.float32)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(array)
 
 
 class Scored(NamedTuple):
@@ -242,7 +234,7 @@ class IMRNN(nn.Module):
         """What `score_rows` needs per corpus, computed once: `project` of every document (in chunks, so a
         memory-mapped corpus is never copied whole) and the raw embeddings' norms. Raw rows are shared, not copied."""
         device = next(self.parameters()).device
-        raw = embeddings if isinstance(embeddings, torch.Tensor) else _tensor_view(embeddings)
+        raw = embeddings if isinstance(embeddings, torch.Tensor) else tensor_view(embeddings)
         projected, norms = [], []
         for start in range(0, len(raw), chunk_size):
             block = raw[start : start + chunk_size].to(device, torch.float32)
