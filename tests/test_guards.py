@@ -264,6 +264,32 @@ def test_rerank_ids_equals_the_checked_forward_on_the_same_candidates(retriever,
     assert [len(r) for r in retriever.rerank_ids(queries, lists, k=1)] == [1, 1, 1]
 
 
+def test_index_embeddings_then_search_and_rerank_ids(model):
+    rng = np.random.default_rng(20)
+    docs = unit(rng, 30, 8)
+    retriever = IMRNNRetriever(Checkpoint(model, EncoderConfig()), candidates=5).index_embeddings(docs)
+    top = retriever.search_embeddings(docs[:2], k=5)  # all 5 first-stage candidates, re-ranked
+    assert all(len(r) == 5 for r in top)
+    again = retriever.rerank_ids(docs[:2], [r.ids[::-1] for r in top])  # the same candidates, in another order
+    assert [r.ids for r in again] == [r.ids for r in top]
+    np.testing.assert_allclose(np.stack([r.scores for r in again]), np.stack([r.scores for r in top]), atol=1e-6)
+    named = IMRNNRetriever(Checkpoint(model, EncoderConfig())).index_embeddings(docs, ids=[f"x{i}" for i in range(30)])
+    assert named.rerank_ids(docs[:1], [["x3", "x4"]])[0].ids[0] in {"x3", "x4"}
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda d: d[0], r"non-empty \(N, d\) array"),
+    (lambda d: d[:, :7], "Embeddings are 7-d but the adapter expects 8-d"),
+    (lambda d: np.where(np.arange(30)[:, None] == 4, np.nan, d), "document row 4"),
+])
+def test_index_embeddings_refuses_bad_arrays(model, change, fragment):
+    docs = unit(np.random.default_rng(21), 30, 8)
+    with pytest.raises(ConfigError, match=fragment):
+        IMRNNRetriever(Checkpoint(model, EncoderConfig())).index_embeddings(change(docs))
+    with pytest.raises(ConfigError, match="ids must be unique"):
+        IMRNNRetriever(Checkpoint(model, EncoderConfig())).index_embeddings(docs, ids=["a"] * 30)
+
+
 def test_rerank_ids_counts_a_repeated_id_once(retriever):
     q = unit(np.random.default_rng(16), 1, 8)
     once, twice = retriever.rerank_ids(q, [["d1", "d2"]])[0], retriever.rerank_ids(q, [["d1", "d2", "d1"]])[0]

@@ -89,10 +89,29 @@ class IMRNNRetriever:
         if len(corpus) == 0:
             raise ConfigError("Cannot index an empty corpus.")
         embs = encode_cached(self.encoder, corpus.ids.tolist(), corpus.passages(), self.cache_dir, "passage", progress=progress)
+        return self.index_embeddings(embs, corpus.ids)
+
+    def index_embeddings(self, embeddings: np.ndarray, ids: Sequence[str] | None = None) -> "IMRNNRetriever":
+        """Index document embeddings computed elsewhere (`(N, d)`, from the checkpoint's encoder), e.g. a vector
+        database export; `ids` default to "0" ... "N-1". A memory-mapped array is read in chunks, not copied.
+        Each document is projected once here, so `search` and `rerank_ids` only gather rows."""
+        embs = embeddings if isinstance(embeddings, np.ndarray) else np.asarray(embeddings, dtype=np.float32)
+        if embs.ndim != 2 or len(embs) == 0:
+            raise ConfigError(f"Document embeddings must be a non-empty (N, d) array, got shape {embs.shape}.")
         self._check_dim(embs.shape[1])
-        self.doc_ids, self.doc_embs, self._row_of = corpus.ids, embs, None
+        keys = np.array([str(i) for i in (ids if ids is not None else range(len(embs)))], dtype=object)
+        if len(keys) != len(embs):
+            raise ConfigError(f"Got {len(embs)} embeddings but {len(keys)} ids; give one id per document.")
+        if len(set(keys.tolist())) != len(keys):
+            raise ConfigError("Document ids must be unique.")
+        cache = self.model.cache_corpus(embs)
+        broken = torch.nonzero(~torch.isfinite(cache.norms))
+        if len(broken):
+            raise ConfigError(f"Document embeddings hold NaN or Inf values (first at document row {int(broken[0])}); "
+                              "re-encode those documents or drop them.")
         self._faiss = FaissIndex(self.backend.split("-", 1)[1]).build(embs) if self.backend != "exact" else None
-        self._cache, self._cache_source = self.model.cache_corpus(embs), embs  # search() then only gathers rows
+        self.doc_ids, self.doc_embs, self._row_of = keys, embs, None
+        self._cache, self._cache_source = cache, embs
         return self
 
     def _check_dim(self, dim: int) -> None:
