@@ -68,6 +68,9 @@ def test_exact_search_on_continuous_data_and_memmap(tmp_path):
     np.testing.assert_array_equal(hits.indices, expected)
     np.testing.assert_allclose(hits.scores, np.take_along_axis(full, expected, 1), rtol=1e-5, atol=1e-6)
     assert np.all(np.diff(hits.scores, axis=1) <= 0)
+    few = exact_search(queries[:3], mapped, 20, chunk_size=128)  # few queries: numpy's BLAS instead of torch's
+    np.testing.assert_array_equal(few.indices, hits.indices[:3])
+    np.testing.assert_allclose(few.scores, hits.scores[:3], atol=1e-6)
 
 
 def test_k_larger_than_corpus_pads():
