@@ -312,7 +312,7 @@ def test_rerank_ids_refuses_bad_candidates(retriever, candidates, fragment):
 
 def test_rerank_ids_needs_an_index(model):
     fresh = IMRNNRetriever(Checkpoint(model, EncoderConfig()))
-    with pytest.raises(ConfigError, match=r"index\(corpus\) before rerank_ids"):
+    with pytest.raises(ConfigError, match=r"index_embeddings\(embeddings\) before rerank_ids"):
         fresh.rerank_ids(unit(np.random.default_rng(18), 1, 8), [["d1"]])
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import Corpus
-from .encode import Encoder, encode_cached
+from .encode import Encoder, encode_cached, tensor_view
 from .errors import ConfigError
 from .index import BACKENDS, FaissIndex, exact_search
 from .model import IMRNN, CorpusCache
@@ -123,8 +123,7 @@ class IMRNNRetriever:
 
     def search(self, queries: str | Sequence[str], k: int = 10) -> list[Ranking]:
         """Top-k documents per query: first-stage top-`candidates`, re-scored by the adapters in one batch."""
-        if self.doc_embs is None or self.doc_ids is None:
-            raise ConfigError("Call index(corpus) before search().")
+        self._indexed("search()")
         texts = [queries] if isinstance(queries, str) else list(queries)
         query_embs = self.encoder.encode_queries(texts)
         return self.search_embeddings(query_embs, k)
@@ -158,7 +157,7 @@ class IMRNNRetriever:
 
     def _indexed(self, what: str) -> np.ndarray:
         if self.doc_embs is None or self.doc_ids is None:
-            raise ConfigError(f"Call index(corpus) before {what}.")
+            raise ConfigError(f"Call index(corpus) or index_embeddings(embeddings) before {what}.")
         return self.doc_embs
 
     def _candidate_rows(self, candidates: Sequence[Sequence[str]] | np.ndarray) -> np.ndarray:
@@ -196,7 +195,7 @@ class IMRNNRetriever:
             self._cache, self._cache_source = self.model.cache_corpus(self.doc_embs), self.doc_embs
         valid = rows >= 0
         scores, base = self.model.score_rows(
-            torch.from_numpy(queries).to(self.device), torch.from_numpy(np.maximum(rows, 0)).to(self.device),
+            tensor_view(queries).to(self.device), torch.from_numpy(np.maximum(rows, 0)).to(self.device),
             torch.from_numpy(valid).to(self.device), self._cache)
         scores, base = scores.cpu().numpy(), base.cpu().numpy()
         broken = np.isnan(scores) & valid
