@@ -230,7 +230,7 @@ class IMRNN(nn.Module):
         return scored.scores, scored.base_scores
 
     @torch.inference_mode()
-    def cache_corpus(self, embeddings: np.ndarray | torch.Tensor, chunk_size: int = 65536) -> "CorpusCache":
+    def cache_corpus(self, embeddings: np.ndarray | torch.Tensor, chunk_size: int = 65536) -> CorpusCache:
         """What `score_rows` needs per corpus, computed once: `project` of every document (in chunks, so a
         memory-mapped corpus is never copied whole) and the raw embeddings' norms. Raw rows are shared, not copied."""
         device = next(self.parameters()).device
@@ -246,7 +246,7 @@ class IMRNN(nn.Module):
 
     @torch.inference_mode()
     def score_rows(self, queries: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor,
-                   corpus: "CorpusCache") -> tuple[torch.Tensor, torch.Tensor]:
+                   corpus: CorpusCache) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward`'s (scores, base scores) for candidates given as corpus `rows` `[B, K]`: the fastest path.
 
         Candidates are only gathered from `corpus` (`cache_corpus`), never projected again. Everything per query
