@@ -304,10 +304,19 @@ def test_rerank_ids_counts_a_repeated_id_once(retriever):
     (np.array([[0, 6]]), r"rows must lie in \[-1, 6\)"),
     (np.array([0, 1]), r"\(Q, K\) integer array"),
     ([["d1"], ["d2"]], "Q = 2 candidate lists"),
+    (None, "one list of document ids per query"),
+    ([["d1"], 7], "one list of document ids per query"),
 ])
 def test_rerank_ids_refuses_bad_candidates(retriever, candidates, fragment):
     with pytest.raises(ConfigError, match=fragment):
         retriever.rerank_ids(unit(np.random.default_rng(17), 1, 8), candidates)
+
+
+def test_rerank_ids_and_index_embeddings_refuse_non_numeric_arrays(retriever):
+    with pytest.raises(ConfigError, match="Query embeddings must be numbers"):
+        retriever.rerank_ids([["a", "b"]], [["d1"]])
+    with pytest.raises(ConfigError, match="Document embeddings must be numbers"):
+        retriever.index_embeddings([["x"] * 8, [1.0] * 8])
 
 
 def test_rerank_ids_needs_an_index(model):

@@ -235,14 +235,13 @@ class IMRNN(nn.Module):
         memory-mapped corpus is never copied whole) and the raw embeddings' norms. Raw rows are shared, not copied."""
         device = next(self.parameters()).device
         raw = embeddings if isinstance(embeddings, torch.Tensor) else tensor_view(embeddings)
-        projected, norms = [], []
+        projected = torch.empty(len(raw), self.config.dim, device=device)  # filled in place: no second copy to concat
+        norms = torch.empty(len(raw), device=device)
         for start in range(0, len(raw), chunk_size):
             block = raw[start : start + chunk_size].to(device, torch.float32)
-            projected.append(self.project(block))
-            norms.append(torch.linalg.vector_norm(block, dim=-1).clamp_min_(1e-12))
-        if not projected:
-            return CorpusCache(torch.zeros(0, self.config.dim, device=device), raw.to(device), torch.zeros(0, device=device))
-        return CorpusCache(torch.cat(projected), raw.to(device), torch.cat(norms))
+            projected[start : start + len(block)] = self.project(block)
+            norms[start : start + len(block)] = torch.linalg.vector_norm(block, dim=-1).clamp_min_(1e-12)
+        return CorpusCache(projected, raw.to(device), norms)
 
     @torch.inference_mode()
     def score_rows(self, queries: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor,

@@ -95,7 +95,7 @@ class IMRNNRetriever:
         """Index document embeddings computed elsewhere (`(N, d)`, from the checkpoint's encoder), e.g. a vector
         database export; `ids` default to "0" ... "N-1". A memory-mapped array is read in chunks, not copied.
         Each document is projected once here, so `search` and `rerank_ids` only gather rows."""
-        embs = embeddings if isinstance(embeddings, np.ndarray) else np.asarray(embeddings, dtype=np.float32)
+        embs = embeddings if isinstance(embeddings, np.ndarray) else _float_array(embeddings, "Document embeddings")
         if embs.ndim != 2 or len(embs) == 0:
             raise ConfigError(f"Document embeddings must be a non-empty (N, d) array, got shape {embs.shape}.")
         self._check_dim(embs.shape[1])
@@ -145,7 +145,7 @@ class IMRNNRetriever:
         an id repeated in a list counts once), or an integer array `(Q, K)` of corpus rows with -1 as padding.
         Their projections were computed once by `index()`, so this is the fastest way to re-rank."""
         self._indexed("rerank_ids()")
-        queries = np.asarray(query_embs, np.float32)
+        queries = _float_array(query_embs, "Query embeddings")
         rows = self._candidate_rows(candidates)
         if queries.ndim != 2 or len(queries) != len(rows) or queries.shape[1] != self.doc_embs.shape[1]:
             raise ConfigError(f"Expected query embeddings (Q, {self.doc_embs.shape[1]}) with Q = {len(rows)} "
@@ -169,11 +169,15 @@ class IMRNNRetriever:
                 raise ConfigError(f"Candidate rows must lie in [-1, {len(self.doc_embs)}) (-1 = padding); "
                                   f"got values from {candidates.min()} to {candidates.max()}.")
             return candidates.astype(np.int64, copy=False)
+        shape_error = ConfigError("candidates must hold one list of document ids per query, e.g. [['d1', 'd7'], ['d3']].")
+        try:
+            lists = [ids if isinstance(ids, list) else list(ids) for ids in candidates]
+        except TypeError:  # not iterable, or an entry that is not a list
+            raise shape_error from None
         if isinstance(candidates, (str, bytes)) or any(isinstance(ids, (str, bytes)) for ids in candidates):
-            raise ConfigError("candidates must hold one list of document ids per query, e.g. [['d1', 'd7'], ['d3']].")
+            raise shape_error
         if self._row_of is None:
             self._row_of = {doc_id: row for row, doc_id in enumerate(self.doc_ids.tolist())}
-        lists = [ids if isinstance(ids, list) else list(ids) for ids in candidates]
         lengths = np.array([len(ids) for ids in lists], dtype=np.int64)
         flat = list(itertools.chain.from_iterable(lists))
         try:
@@ -239,6 +243,14 @@ class IMRNNRetriever:
         valid = None if mask is None else torch.as_tensor(mask if isinstance(mask, torch.Tensor) else np.asarray(mask), device=self.device)
         scores, _ = self.model.score_embeddings(queries, cands, valid)
         return scores if as_torch else scores.cpu().numpy()
+
+
+def _float_array(values: np.ndarray | Sequence, what: str) -> np.ndarray:
+    """`values` as float32, or a ConfigError saying what could not be read as numbers."""
+    try:
+        return np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{what} must be numbers in an array, e.g. a float32 NumPy array ({err}).") from None
 
 
 def _check_finite_rows(queries: np.ndarray) -> None:
