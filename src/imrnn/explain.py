@@ -51,6 +51,11 @@ from .errors import IMRNNError
 VOCABULARIES = ("encoder", "input")
 CONCEPT_SOURCES = ("document", "query", "both")
 VOCAB_FORMAT = 1
+# Modulation vectors are differences of unit vectors: below this length they are float32 rounding (~1e-7 per
+# component after a renormalisation), not a move. A concept weighing less than this share of its back-projected
+# vector's length is rounding noise too. Both are relative to the vectors involved, not to any CPU's kernels.
+MODULATION_NOISE = 1e-5
+CONCEPT_NOISE = 1e-5
 _WORD = re.compile(r"\w+(?:['\u2019\-]\w+)*")
 _J = TypeVar("_J", bound="_JsonMixin")
 
@@ -459,9 +464,19 @@ class Explainer:
 
     def concept_weights(self, modulation: np.ndarray) -> np.ndarray:
         """Signed concept weights `(R, T)`: length of each back-projected modulation vector along each token's
-        centred unit direction (0 for an unmodulated vector, so the untrained, identity adapter has no concepts)."""
+        centred unit direction.
+
+        Rounding noise is not a concept, whatever the CPU's kernels leave behind: a modulation vector (a difference
+        of unit vectors) shorter than `MODULATION_NOISE` is no move at all, and a weight below `CONCEPT_NOISE` of
+        its back-projected vector's length is no direction of it; both become exactly 0, so the untrained
+        (identity) adapter has no concepts on any machine."""
         pinv, vocab = self._matrices
-        return ((torch.from_numpy(np.ascontiguousarray(modulation, np.float32)) @ pinv.T) @ vocab.T).numpy()
+        moves = torch.from_numpy(np.ascontiguousarray(modulation, np.float32))
+        back = moves @ pinv.T
+        weights = back @ vocab.T
+        moving = torch.linalg.vector_norm(moves, dim=-1, keepdim=True) > MODULATION_NOISE
+        clear = weights.abs() > CONCEPT_NOISE * torch.linalg.vector_norm(back, dim=-1, keepdim=True)
+        return torch.where(moving & clear, weights, 0.0).numpy()
 
     def top_concepts(self, weights: np.ndarray, k: int) -> list[tuple[tuple[Concept, ...], tuple[Concept, ...]]]:
         """Per row: (top-k positive concepts, top-k negative concepts), strongest first."""
@@ -475,8 +490,8 @@ class Explainer:
         for row, up, down in zip(weights, top, bottom):
             up = up[np.argsort(-row[up], kind="stable")]
             down = down[np.argsort(row[down], kind="stable")]
-            out.append((tuple(Concept(tokens[i], float(row[i])) for i in up if row[i] > 1e-9),
-                        tuple(Concept(tokens[i], float(row[i])) for i in down if row[i] < -1e-9)))
+            out.append((tuple(Concept(tokens[i], float(row[i])) for i in up if row[i] > 0),
+                        tuple(Concept(tokens[i], float(row[i])) for i in down if row[i] < 0)))
         return out
 
     def _forward(self, query_embs: np.ndarray, cands: np.ndarray):
