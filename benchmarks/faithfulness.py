@@ -32,7 +32,7 @@ from imrnn.checkpoint import load_checkpoint
 from imrnn.data import load_dataset
 from imrnn.encode import Encoder
 from imrnn.explain import Explainer, explain_dataset_query, split_deletion_test, words
-from imrnn.pipeline import Prepared
+from imrnn.workflow import Workspace
 from imrnn.report import deletion_markdown
 
 
@@ -49,13 +49,13 @@ def self_recovery(explainer: Explainer, texts: list[str], k: int = 10) -> float:
     return float(np.mean(shares))
 
 
-def timing(explainer: Explainer, prepared: Prepared, split: str, ids: list[str], doc_words: int) -> tuple[list[float], list[float]]:
+def timing(explainer: Explainer, workspace: Workspace, split: str, ids: list[str], doc_words: int) -> tuple[list[float], list[float]]:
     """Wall-clock and process CPU seconds per explanation. On a shared machine the wall clock mostly measures the
     neighbours; with one torch thread the CPU time is what the wall clock would be on an idle core."""
     wall, cpu = [], []
     for qid in ids:
         start, start_cpu = time.perf_counter(), time.process_time()
-        explain_dataset_query(explainer, prepared, split, qid, doc_words=doc_words)
+        explain_dataset_query(explainer, workspace, split, qid, doc_words=doc_words)
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     return wall, cpu
@@ -84,7 +84,7 @@ def main() -> None:
     checkpoint = load_checkpoint(args.checkpoint)
     encoder = Encoder(checkpoint.encoder)
     data = load_dataset(args.dataset)
-    prepared = Prepared.build(data, encoder, None, 100, progress=False)
+    workspace = Workspace.open(data, encoder, 100, progress=False)
     queries = data.split(args.split)
     kinds = ["encoder"] if args.skip_input or args.timing_only else ["encoder", "input"]
     explainers = {kind: Explainer(checkpoint, encoder, vocabulary=kind, progress=True) for kind in kinds}
@@ -97,13 +97,13 @@ def main() -> None:
 
     # 3. speed first (before the long deletion runs heat the machine further)
     ex = explainers["encoder"]
-    explain_dataset_query(ex, prepared, args.split, queries.ids[0])  # warm-up
+    explain_dataset_query(ex, workspace, args.split, queries.ids[0])  # warm-up
     ids = queries.ids[: args.timed_queries]
     print("## Time to explain one query over 100 candidates (excluding model load)\n")
     print("| doc word attributions | wall median s | wall p90 s | wall max s | CPU median s | CPU p90 s | CPU max s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for doc_words in (0, 1, 3):
-        wall, cpu = timing(ex, prepared, args.split, ids, doc_words)
+        wall, cpu = timing(ex, workspace, args.split, ids, doc_words)
         default = " (default)" if doc_words == 1 else ""
         print(f"| {doc_words}{default} | {_stats(wall)} | {_stats(cpu)} |")
     print(f"\n({len(ids)} queries; load average now {os.getloadavg()[0]:.1f})\n")
@@ -120,7 +120,7 @@ def main() -> None:
     # 1. deletion test
     for kind, ex in explainers.items():
         start = time.perf_counter()
-        report = split_deletion_test(ex, prepared, args.split, n=args.n, draws=args.draws, progress=False)
+        report = split_deletion_test(ex, workspace, args.split, n=args.n, draws=args.draws, progress=False)
         print(deletion_markdown(report, f"## Deletion test ({kind} vocabulary)"))
         print(f"\n({time.perf_counter() - start:.0f} s)\n")
 

@@ -24,10 +24,9 @@ import numpy as np
 import torch
 
 from imrnn.config import IMRNNConfig, TrainConfig
-from imrnn.data import QuerySet, carve_validation, kfold, load_dataset
-from imrnn.encode import Encoder
+from imrnn.data import QuerySet, load_dataset
 from imrnn.evaluate import evaluate_run, hits_to_run
-from imrnn.pipeline import Prepared, compare_runs, evaluate_adapter, fit, validation_split
+from imrnn.workflow import Comparison, SplitPlan, Workspace, evaluate, train
 
 HERE = Path(__file__).resolve().parent
 DATA_DIR = os.environ.get("IMRNN_DATA_DIR", str(HERE.parent.parent / "shared" / "datasets"))
@@ -39,6 +38,7 @@ def peak_rss_mb() -> float:
 
 
 def row(label: str, report: dict, seconds: float | None = None) -> str:
+    """One table row from a report dict (`EvaluationReport.to_dict()`, or a `Comparison` as a dict)."""
     b, a = report["base"], report["adapted"]
     u = report.get("unseen_relevant")
     if u is None:
@@ -55,31 +55,33 @@ HEADER = ("| run | queries | nDCG@10 base → adapted | R@10 | RR@10 | R@100 (ce
           "| unseen-relevant nDCG@10 (queries) | train s |\n|---|---:|---|---|---|---:|---:|---:|---|---:|")
 
 
-def train_and_report(prepared: Prepared, train_q: QuerySet, val_q: QuerySet, test_q: QuerySet, model_config: IMRNNConfig,
-                     train_config: TrainConfig, seen_qrels: dict) -> tuple[dict, float, object]:
-    result = fit(prepared, train_q, val_q, model_config, train_config, progress=False)
-    report, run = evaluate_adapter(result.model, prepared, test_q, seen_qrels)
-    report["best_epoch"], report["validation_nDCG@10"] = result.best_epoch, result.best_validation
-    return report, result.seconds, run
+def train_and_report(workspace: Workspace, plan: SplitPlan, model_config: IMRNNConfig, train_config: TrainConfig,
+                     ) -> tuple[dict, float, dict]:
+    """Train on the plan, evaluate on its test queries: (report dict, training seconds, adapted run)."""
+    result = train(workspace, plan, train_config, model_config, progress=False)
+    report = evaluate(result.model, workspace, plan)
+    out = report.to_dict()
+    out["best_epoch"], out["validation_nDCG@10"] = result.best_epoch, result.best_validation
+    return out, result.seconds, report.adapted_run
 
 
-def rocchio(prepared: Prepared, val_q: QuerySet, test_q: QuerySet) -> tuple[dict, dict]:
+def rocchio(workspace: Workspace, val_q: QuerySet, test_q: QuerySet) -> tuple[dict, dict]:
     """Non-learned feedback q' = norm(q + beta * mean(top-m candidates)); beta and m chosen on validation."""
-    docs = np.asarray(prepared.doc_embs)
+    docs = np.asarray(workspace.doc_embs)
 
     def run_for(queries: QuerySet, beta: float, m: int) -> dict:
-        data = prepared.ranking(queries)
+        data = workspace.ranking(queries)
         cands = docs[data.candidates]
         q = data.query_embs + beta * cands[:, :m].mean(1)
         q /= np.linalg.norm(q, axis=1, keepdims=True)
         scores = np.einsum("qd,qkd->qk", q, cands)
-        return hits_to_run(queries.ids, prepared.dataset.corpus.ids, data.candidates, scores)
+        return hits_to_run(queries.ids, workspace.dataset.corpus.ids, data.candidates, scores)
 
     grid = [(b, m) for b in (0.0, 0.1, 0.25, 0.5, 1.0) for m in (1, 3, 5, 10)]
     best = max(grid, key=lambda bm: evaluate_run(run_for(val_q, *bm), val_q.qrels, ["nDCG@10"])["nDCG@10"])
-    data = prepared.ranking(test_q)
-    base_run = hits_to_run(test_q.ids, prepared.dataset.corpus.ids, data.candidates, prepared.base_scores(data))
-    report = compare_runs(base_run, run_for(test_q, *best), test_q.qrels)
+    data = workspace.ranking(test_q)
+    base_run = hits_to_run(test_q.ids, workspace.dataset.corpus.ids, data.candidates, workspace.frozen_scores(data))
+    report = dataclasses.asdict(Comparison.of_runs(base_run, run_for(test_q, *best), test_q.qrels))
     report["beta"], report["m"] = best
     return report, {}
 
@@ -95,51 +97,39 @@ def main() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     data = load_dataset(args.dataset, DATA_DIR, None, download=False)
-    prepared = Prepared.build(data, Encoder(), None, 100)
-    dim = prepared.doc_embs.shape[1]
+    workspace = Workspace.open(data, k=100)
     lines, results = [HEADER], {"dataset": args.dataset, "date": date.today().isoformat(), "runs": {}}
 
     if args.folds:
-        queries = data.split("test")
         base_runs, adapted_runs, qrels, seconds = {}, {}, {}, []
-        for i, (train_q, test_q) in enumerate(kfold(queries, args.folds, seed=42)):
-            config = TrainConfig(seed=42)
-            fit_q, val_q = carve_validation(train_q, config.validation_fraction, config.seed)
-            seen = {**fit_q.qrels, **val_q.qrels}
-            report, secs, run = train_and_report(prepared, fit_q, val_q, test_q, IMRNNConfig(embedding_dim=dim), config, seen)
+        for i, plan in enumerate(SplitPlan.kfold(data.split("test"), args.folds, TrainConfig().validation_fraction, seed=42)):
+            report, secs, run = train_and_report(workspace, plan, IMRNNConfig(), TrainConfig(seed=42))
             seconds.append(secs)
-            d = prepared.ranking(test_q)
-            base_runs.update(hits_to_run(test_q.ids, data.corpus.ids, d.candidates, prepared.base_scores(d)))
+            d = workspace.ranking(plan.test)
+            base_runs.update(hits_to_run(plan.test.ids, data.corpus.ids, d.candidates, workspace.frozen_scores(d)))
             adapted_runs.update(run)
-            qrels.update(test_q.qrels)
+            qrels.update(plan.test.qrels)
             lines.append(row(f"fold {i}", report, secs))
-        union = compare_runs(base_runs, adapted_runs, qrels)
+        union = dataclasses.asdict(Comparison.of_runs(base_runs, adapted_runs, qrels))
         lines.append(row(f"all {args.folds} folds (union of test folds)", union, sum(seconds)))
         results["runs"]["kfold"] = union
     else:
-        train_q, val_q = validation_split(data, "train", args.validation, TrainConfig().validation_fraction, 42)
-        test_q = data.split("test")
-        seen = {**data.qrels["train"], **val_q.qrels}
-        variants: dict[str, tuple[IMRNNConfig, TrainConfig]] = {
-            f"seed {s}": (IMRNNConfig(embedding_dim=dim), TrainConfig(seed=s)) for s in args.seeds
-        }
+        variants: dict[str, tuple[IMRNNConfig, TrainConfig]] = {f"seed {s}": (IMRNNConfig(), TrainConfig(seed=s)) for s in args.seeds}
         if args.ablations:
-            full = IMRNNConfig(embedding_dim=dim)
+            full = IMRNNConfig()
+            other_loss = "listwise" if TrainConfig().loss == "margin" else "margin"
             variants = {
                 "full model (seed 42)": (full, TrainConfig()),
                 "without A_q": (dataclasses.replace(full, use_query_adapter=False), TrainConfig()),
                 "without A_d": (dataclasses.replace(full, use_doc_adapter=False), TrainConfig()),
                 "iterations = 2": (dataclasses.replace(full, iterations=2), TrainConfig()),
-                "other loss (" + ("listwise" if TrainConfig().loss == "margin" else "margin") + ")":
-                    (full, TrainConfig(loss="listwise" if TrainConfig().loss == "margin" else "margin")),
+                f"other loss ({other_loss})": (full, TrainConfig(loss=other_loss)),
                 "without novelty gate": (full, TrainConfig(novelty_gate=False)),
             }
         for label, (model_config, train_config) in variants.items():
-            if train_config.seed != 42:
-                train_q, val_q = validation_split(data, "train", args.validation, train_config.validation_fraction, train_config.seed)
-                seen = {**data.qrels["train"], **val_q.qrels}
+            plan = SplitPlan.official(data, "train", args.validation, "test", train_config.validation_fraction, train_config.seed)
             start_rss = peak_rss_mb()
-            report, secs, _ = train_and_report(prepared, train_q, val_q, test_q, model_config, train_config, seen)
+            report, secs, _ = train_and_report(workspace, plan, model_config, train_config)
             report["peak_rss_mb"] = max(start_rss, peak_rss_mb())
             results["runs"][label] = report
             lines.append(row(label, report, secs))
@@ -148,7 +138,8 @@ def main() -> None:
             lines.append(f"\nadapted nDCG@10 over seeds {args.seeds}: mean {values.mean():.4f}, std {values.std(ddof=1):.4f}, "
                          f"min {values.min():.4f}, max {values.max():.4f}")
         if args.ablations:
-            report, _ = rocchio(prepared, val_q, test_q)
+            plan = SplitPlan.official(data, "train", args.validation, "test", TrainConfig().validation_fraction, 42)
+            report, _ = rocchio(workspace, plan.validation, plan.test)
             results["runs"]["rocchio"] = report
             lines.append(row(f"Rocchio (beta={report['beta']}, m={report['m']}, non-learned)", report))
     lines.append(f"\npeak RSS of this process: {peak_rss_mb():.0f} MB; date {results['date']}")

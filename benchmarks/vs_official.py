@@ -56,38 +56,38 @@ def ours(data: Path, work: Path) -> None:
     """Our default recipe, stage by stage, timed like the driver; writes runs and ours.json (subprocess body)."""
     import numpy as np
 
-    from imrnn.config import IMRNNConfig, TrainConfig
+    from imrnn.checkpoint import Checkpoint
+    from imrnn.config import TrainConfig
     from imrnn.data import load_beir
     from imrnn.encode import Encoder
     from imrnn.evaluate import hits_to_run, write_run
-    from imrnn.pipeline import Prepared, fit, validation_split
     from imrnn.retriever import IMRNNRetriever
-    from imrnn.checkpoint import Checkpoint
-    from imrnn.train import rerank
+    from imrnn.scoring import sort_by_score
+    from imrnn.workflow import SplitPlan, Workspace, train
 
     cache = work / "ours-cache"
     dataset = load_beir(data, name="scifact")
     encoder = Encoder()
     test = dataset.split("test")
     start = time.perf_counter()
-    prepared = Prepared.build(dataset, encoder, cache, 100, progress=False)
+    workspace = Workspace.open(dataset, encoder, 100, cache_dir=cache, progress=False)
     for split in ("train", "test"):
-        prepared.ranking(dataset.split(split))  # query embeddings are cached as part of encoding
+        workspace.ranking(dataset.split(split))  # query embeddings are cached as part of encoding
     encode_s = time.perf_counter() - start
 
     start = time.perf_counter()
     config = TrainConfig()
-    train_q, val_q = validation_split(dataset, "train", "auto", config.validation_fraction, config.seed)
-    result = fit(prepared, train_q, val_q, IMRNNConfig(embedding_dim=prepared.doc_embs.shape[1]), config, progress=False)
+    plan = SplitPlan.official(dataset, fraction=config.validation_fraction, seed=config.seed)
+    result = train(workspace, plan, config, progress=False)
     train_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    ranked = prepared.ranking(test)
-    base = prepared.base_scores(ranked)
+    ranked = workspace.ranking(test)
+    base = workspace.frozen_scores(ranked)
     retriever = IMRNNRetriever(Checkpoint(result.model, encoder.config))
-    cands = np.asarray(prepared.doc_embs)[ranked.candidates]
+    cands = np.asarray(workspace.doc_embs)[ranked.candidates]
     adapted = retriever.rerank_embeddings(ranked.query_embs, cands)
-    order, scores = rerank(ranked.candidates, adapted)
+    order, scores = sort_by_score(ranked.candidates, adapted)
     evaluate_s = time.perf_counter() - start
     write_run(work / "ours_base.trec", hits_to_run(test.ids, dataset.corpus.ids, ranked.candidates, base), "base")
     write_run(work / "ours_adapted.trec", hits_to_run(test.ids, dataset.corpus.ids, order, scores), "imrnn")

@@ -53,7 +53,7 @@ def synthetic_task(seed: int = 0, n_docs: int = 1500, dim: int = 32, n_queries: 
     import numpy as np
 
     from imrnn.index import exact_search
-    from imrnn.train import ranking_set
+    from imrnn.candidates import ranking_set
 
     rng = np.random.default_rng(seed)
     docs = rng.standard_normal((n_docs, dim)).astype(np.float32)
@@ -75,12 +75,12 @@ def synthetic_task(seed: int = 0, n_docs: int = 1500, dim: int = 32, n_queries: 
 def run_training(state_dir: Path | None, resume: bool, epochs: int = 16, on_epoch=None):
     """The training run every kill/resume test compares: seeded, with dropout (so RNG state matters)."""
     from imrnn.config import IMRNNConfig, TrainConfig
-    from imrnn.train import train as fit
+    from imrnn.train import train_adapter
 
     docs, ids, train_set, validation_set = synthetic_task()
     config = TrainConfig(epochs=epochs, batch_size=8, lr=3e-3, candidates=30, seed=11, patience=epochs)
     model_config = IMRNNConfig(embedding_dim=32, hidden_dim=32, dropout=0.1)
-    return fit(model_config, config, docs, ids, train_set, validation_set, progress=False, on_epoch=on_epoch,
+    return train_adapter(model_config, config, docs, ids, train_set, validation_set, progress=False, on_epoch=on_epoch,
                state_dir=state_dir, resume=resume)
 
 

@@ -1,4 +1,4 @@
-"""The `imrnn` command through typer's CliRunner: search -> run file -> evaluate, and clean errors."""
+"""The `imrnn` command through click's CliRunner: search -> run file -> evaluate, and clean errors."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from imrnn.cli import app
 from imrnn.data import load_beir

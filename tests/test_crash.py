@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.torch import load_file
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 import crash_worker
 from imrnn.checkpoint import load_checkpoint

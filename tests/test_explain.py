@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from conftest import TINY_DOCS, TINY_QUERIES
 from imrnn.checkpoint import Checkpoint, save_checkpoint
@@ -203,7 +203,7 @@ def test_vocabulary_filter_keeps_whole_words_only(encoder):
 
 
 def test_encoder_vocabulary_is_cached_on_disk(encoder, tmp_path, monkeypatch):
-    import imrnn.explain as explain_module
+    import imrnn.explain.vocabulary as explain_module
 
     small = (["currency", "mexico", "peso", "planet", "insulin"], [0, 1, 2, 3, 4])
     monkeypatch.setattr(explain_module, "vocabulary_tokens", lambda tokenizer: small)

@@ -27,7 +27,7 @@ from imrnn.evaluate import evaluate_run, hits_to_run, read_run, write_run
 from imrnn.index import FaissIndex, exact_search, search
 from imrnn.model import IMRNN
 from imrnn.retriever import IMRNNRetriever
-from imrnn.train import score_candidates
+from imrnn.scoring import score_candidates
 
 
 def no_nan(x) -> bool:

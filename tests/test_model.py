@@ -19,7 +19,9 @@ from imrnn.index import exact_search
 from imrnn.config import IMRNNConfig, TrainConfig
 from imrnn import model as model_module
 from imrnn.model import IMRNN
-from imrnn.train import ranking_set, score_candidates, train
+from imrnn.candidates import ranking_set
+from imrnn.scoring import score_candidates
+from imrnn.train import train_adapter
 
 
 def test_untrained_identity_adapter_reproduces_base_ranking():
@@ -113,9 +115,9 @@ def test_training_improves_validation_and_is_reproducible(loss):
     docs, ids, train_set, val_set = synthetic_task()
     config = TrainConfig(loss=loss, epochs=6, batch_size=32, lr=3e-3, candidates=50, seed=7, patience=6)
     model_config = IMRNNConfig(embedding_dim=32, hidden_dim=32, dropout=0.0)
-    first = train(model_config, config, docs, ids, train_set, val_set, progress=False)
+    first = train_adapter(model_config, config, docs, ids, train_set, val_set, progress=False)
     assert first.best_validation > first.history[0]["val_nDCG@10"] + 0.02
-    second = train(model_config, config, docs, ids, train_set, val_set, progress=False)
+    second = train_adapter(model_config, config, docs, ids, train_set, val_set, progress=False)
     for name, tensor in first.model.state_dict().items():
         torch.testing.assert_close(tensor, second.model.state_dict()[name], rtol=0, atol=0)
 

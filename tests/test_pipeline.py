@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from imrnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from imrnn.cli import app
@@ -115,3 +115,67 @@ def test_train_with_bm25_negatives_and_listwise_loss(trained, tmp_path):
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "c" / "config.json").read_text())["train_config"]
     assert saved["bm25_negatives"] == 3 and saved["loss"] == "listwise"
+
+
+def key_shape(value):
+    """The nested keys of a JSON value, in order (leaves by type), so a golden test pins what users parse."""
+    if isinstance(value, dict):
+        return [[key, key_shape(item)] for key, item in value.items()]
+    return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
+
+
+MEANS = [["nDCG@10", "number"], ["R@10", "number"], ["RR@10", "number"], ["R@100", "number"]]
+TESTED = [["nDCG@10", "number"], ["R@10", "number"], ["RR@10", "number"]]
+RUN_JSON = [["queries", "number"], ["base", MEANS], ["adapted", MEANS], ["p_value", TESTED], ["randomization_p", TESTED],
+            ["improved", "number"], ["worsened", "number"], ["k", "number"],
+            ["unseen_relevant", [["queries", "number"], ["base", MEANS], ["adapted", MEANS], ["p_value", TESTED]]],
+            ["split", "str"]]
+
+
+def test_golden_json_keys_of_run_and_evaluate(trained, tmp_path):
+    """`imrnn run --json`, `imrnn evaluate --checkpoint --json` and `imrnn evaluate --run --json` keep their keys."""
+    data, cache, ckpt = trained
+    ran = runner.invoke(app, ["run", "--dataset", str(data), "--output", str(tmp_path / "c"), "--cache-dir", str(cache),
+                              "--epochs", "1", "--validation-fraction", "0.3", "--json"])
+    assert ran.exit_code == 0, ran.output
+    assert key_shape(json.loads(ran.stdout)) == RUN_JSON
+    checked = runner.invoke(app, ["evaluate", "--checkpoint", str(ckpt), "--dataset", str(data), "--split", "test",
+                                  "--cache-dir", str(cache), "--json", "--output", str(tmp_path / "a.trec")])
+    assert checked.exit_code == 0, checked.output
+    assert key_shape(json.loads(checked.stdout)) == RUN_JSON
+    base = runner.invoke(app, ["search", "--dataset", str(data), "--output", str(tmp_path / "b.trec"), "--cache-dir", str(cache)])
+    assert base.exit_code == 0, base.output
+    scored = runner.invoke(app, ["evaluate", "--run", str(tmp_path / "b.trec"), "--compare", str(tmp_path / "a.trec"),
+                                 "--dataset", str(data), "--measures", "nDCG@10,R@10", "--json"])
+    assert scored.exit_code == 0, scored.output
+    test = [["mean_diff", "number"], ["t_test", "number"], ["randomization", "number"]]
+    assert key_shape(json.loads(scored.stdout)) == [
+        ["metrics", [["nDCG@10", "number"], ["R@10", "number"]]], ["queries", "number"],
+        ["compare", [["run", "str"], ["metrics", [["nDCG@10", "number"], ["R@10", "number"]]]]],
+        ["p_value", [["nDCG@10", test], ["R@10", test]]]]
+
+
+def test_no_underscore_imports_across_modules_and_inference_never_imports_training():
+    """The layout rules of the README's "How the code is laid out", checked on the source."""
+    src = Path(__file__).resolve().parents[1] / "src" / "imrnn"
+    for path in src.rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"from \.+[\w.]* import [^\n]*\b_[a-z]", text), f"{path} imports a private name"
+        assert "locals()" not in text and "__signature__" not in text, path
+    inference = ["retriever.py", "model.py", "scoring.py", "index.py", "encode.py", "checkpoint.py", "explain"]
+    for name in inference:
+        for path in ([src / name] if name.endswith(".py") else list((src / name).rglob("*.py"))):
+            assert not re.search(r"from \.+(train|workflow|resume) import|import imrnn\.train", path.read_text()), path
+
+
+def test_readme_workflow_example_runs(trained, tmp_path, monkeypatch, capsys):
+    """The README's workflow example, on the tiny dataset instead of SciFact (same code otherwise)."""
+    data, cache, _ = trained
+    text = README.read_text()
+    block = re.search(r"```python\n(from imrnn import SplitPlan, Workspace\n.*?)```", text, re.S)
+    assert block, "README must keep its workflow example"
+    code = block.group(1).replace('Workspace.open("scifact"', f'Workspace.open({str(data)!r}, cache_dir={str(cache)!r}')
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert 0.0 <= float(capsys.readouterr().out.strip().splitlines()[-1]) <= 1.0
+    assert load_checkpoint(tmp_path / "checkpoints" / "scifact").train_config.seed == 42

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from imrnn.cli import app
-from imrnn.encode import release_pages
+from imrnn.files import release_pages
 from imrnn.evaluate import hits_to_run, read_run
 from imrnn.index import exact_search
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .encode import EncoderConfig
+from .config import EncoderConfig, IMRNNConfig, TrainConfig, check_types
 from .errors import CheckpointError, ConfigError
-from .config import IMRNNConfig, TrainConfig, check_types
+from .files import publish_folder, temporary_folder_beside
 from .model import IMRNN
 
 CONFIG_FILE = "config.json"
@@ -44,7 +42,6 @@ class Checkpoint:
 def save_checkpoint(checkpoint: Checkpoint, directory: str | Path) -> Path:
     """Write the folder atomically: build it beside the target, then rename over it."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "library": "imrnn",
@@ -54,18 +51,12 @@ def save_checkpoint(checkpoint: Checkpoint, directory: str | Path) -> Path:
         "encoder": {**checkpoint.encoder.__dict__, "dimension": checkpoint.model.config.embedding_dim},
         **checkpoint.metadata,
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = temporary_folder_beside(directory)
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in checkpoint.model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": str(FORMAT)})
         (tmp / CONFIG_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default))
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        publish_folder(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory

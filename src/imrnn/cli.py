@@ -1,87 +1,141 @@
-"""The `imrnn` command: one thin sub-command per pipeline stage, plus `run` for the whole pipeline."""
+"""The `imrnn` command: one thin sub-command per pipeline stage, plus `run` for the whole pipeline.
 
+Every command is a client of the library: `run` and `train` call `imrnn.workflow.run_pipeline`, `evaluate
+--checkpoint` calls `imrnn.workflow.evaluate`. Options for the configuration dataclasses (`EncoderConfig`,
+`IMRNNConfig`, `TrainConfig`) are generated from their field declarations (`imrnn.config.setting`), so a
+field's default and help text live in one place. Heavy modules are imported inside the commands, so
+`imrnn --help` does not pay for torch.
+"""
+
+from __future__ import annotations
 
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable
 
-import typer
+import click
 
+from .config import EncoderConfig, IMRNNConfig, TrainConfig, command_line_fields
 from .errors import IMRNNError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="IMRNN: interpretable adapters for dense retrieval.")
-
-DatasetOpt = typer.Option(None, "--dataset", "-d", help="BEIR dataset name (searched on the data path) or folder path.")
-DataDirOpt = typer.Option(None, "--data-dir", envvar="IMRNN_DATA_DIR", help="Folder(s) holding BEIR datasets, ':'-separated.")
-CacheDirOpt = typer.Option(None, "--cache-dir", envvar="IMRNN_CACHE_DIR", help="Cache for embeddings and downloads [default: ~/.cache/imrnn].")
-SplitOpt = typer.Option("test", "--split", "-s", help="Qrels split to use (a file name in qrels/, e.g. test).")
-ModelOpt = typer.Option(None, "--model", "-m", help="sentence-transformers model name or path [default: bundled all-MiniLM-L6-v2].")
-DeviceOpt = typer.Option("cpu", "--device", help="torch device: cpu, cuda, cuda:1 ...")
-PrecisionOpt = typer.Option("fp32", "--precision", help="Encoding precision: fp32, or bf16 (autocast; ~2.5x faster on CPU).")
-BatchOpt = typer.Option(64, "--batch-size", help="Encoder batch size.")
-NoDownloadOpt = typer.Option(False, "--no-download", help="Never try to download a missing dataset.")
-DropUnknownOpt = typer.Option(False, "--drop-unknown", help="Drop qrels naming unknown queries/documents instead of failing.")
+_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}
+PathType = click.Path(path_type=Path)
 
 
 def _fail(err: Exception) -> None:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    click.secho(f"error: {err}", fg="red", err=True)
+    raise click.exceptions.Exit(2)
 
 
 def _info(message: str) -> None:
-    typer.echo(message, err=True)
+    click.echo(message, err=True)
+
+
+def config_options(cls: type, prefix: str) -> Callable[[Callable], Callable]:
+    """A decorator adding one option per command-line field of the config class `cls`, named `<prefix>__<field>`
+    (so fields of different classes never collide); `config_from(cls, prefix, params)` rebuilds the values."""
+
+    def decorate(command: Callable) -> Callable:
+        for f in reversed(command_line_fields(cls)):
+            meta = f.metadata
+            flag = meta["flag"] or f"--{f.name.replace('_', '-')}"
+            decls = [f"{prefix}__{f.name}", flag] + ([meta["short"]] if meta["short"] else [])
+            if f.type == "bool":
+                if "/" not in flag:
+                    decls[1] = f"{flag}/--no-{flag[2:]}"
+                option = click.option(*decls, default=f.default, show_default=True, help=meta["help"])
+            else:
+                option = click.option(*decls, type=_TYPES[str(f.type)], default=f.default, show_default=True, help=meta["help"])
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def config_from(cls: type, prefix: str, params: dict[str, Any], **derived: Any) -> Any:
+    """The config `cls` from a command's generated options (popped from `params`) and the fields it derives."""
+    given = {f.name: params.pop(f"{prefix}__{f.name}") for f in command_line_fields(cls)}
+    return cls(**given, **derived)
+
+
+# --------------------------------------------------------------------------- options shared by several commands
+
+dataset_option = click.option("--dataset", "-d", default=None, help="BEIR dataset name (searched on the data path) or folder path.")
+data_dir_option = click.option("--data-dir", envvar="IMRNN_DATA_DIR", default=None, help="Folder(s) holding BEIR datasets, ':'-separated [env: IMRNN_DATA_DIR].")
+cache_dir_option = click.option("--cache-dir", envvar="IMRNN_CACHE_DIR", type=PathType, default=None,
+                                help="Cache for embeddings and downloads [env: IMRNN_CACHE_DIR; default: ~/.cache/imrnn].")
+split_option = click.option("--split", "-s", default="test", show_default=True, help="Qrels split to use (a file name in qrels/, e.g. test).")
+device_option = click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1 ...")
+batch_option = click.option("--batch-size", default=64, show_default=True, help="Encoder batch size.")
+no_download_option = click.option("--no-download", is_flag=True, help="Never try to download a missing dataset.")
+drop_unknown_option = click.option("--drop-unknown", is_flag=True, help="Drop qrels naming unknown queries/documents instead of failing.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+def _shared(*options: Callable[[Callable], Callable]) -> Callable[[Callable], Callable]:
+    def decorate(command: Callable) -> Callable:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="imrnn")
+def app() -> None:
+    """IMRNN: interpretable adapters for dense retrieval."""
+
+
+# --------------------------------------------------------------------------- search
 
 
 @app.command()
-def search(
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="BEIR dataset name or folder path (or give --embeddings)."),
-    split: str = SplitOpt,
-    k: int = typer.Option(100, "--k", "-k", help="Documents to retrieve per query."),
-    output: Path = typer.Option(..., "--output", "-o", help="TREC run file to write."),
-    backend: str = typer.Option("exact", "--backend", help="exact, faiss-flat or faiss-hnsw."),
-    model: Optional[str] = ModelOpt,
-    device: str = DeviceOpt,
-    precision: str = PrecisionOpt,
-    batch_size: int = BatchOpt,
-    data_dir: Optional[str] = DataDirOpt,
-    cache_dir: Optional[Path] = CacheDirOpt,
-    no_download: bool = NoDownloadOpt,
-    drop_unknown: bool = DropUnknownOpt,
-    embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="Search precomputed corpus embeddings instead of a dataset: a float32 (N, d) .npy file, memory-mapped (e.g. a cache entry's embeddings.npy)."),
-    ids: Optional[Path] = typer.Option(None, "--ids", help="With --embeddings: the N document ids in row order, one per line or a JSON list (e.g. ids.json)."),
-    query_embeddings: Optional[Path] = typer.Option(None, "--query-embeddings", help="With --embeddings: a float32 (Q, d) .npy file of query embeddings."),
-    query_ids: Optional[Path] = typer.Option(None, "--query-ids", help="With --embeddings: the Q query ids in row order, one per line or a JSON list."),
-) -> None:
+@click.option("--dataset", "-d", default=None, help="BEIR dataset name or folder path (or give --embeddings).")
+@split_option
+@click.option("--k", "-k", default=100, show_default=True, help="Documents to retrieve per query.")
+@click.option("--output", "-o", type=PathType, required=True, help="TREC run file to write.")
+@click.option("--backend", default="exact", show_default=True, help="exact, faiss-flat or faiss-hnsw.")
+@config_options(EncoderConfig, "encoder")
+@_shared(device_option, batch_option, data_dir_option, cache_dir_option, no_download_option, drop_unknown_option)
+@click.option("--embeddings", type=PathType, default=None, help="Search precomputed corpus embeddings instead of a dataset: a float32 (N, d) .npy file, memory-mapped (e.g. a cache entry's embeddings.npy).")
+@click.option("--ids", type=PathType, default=None, help="With --embeddings: the N document ids in row order, one per line or a JSON list (e.g. ids.json).")
+@click.option("--query-embeddings", type=PathType, default=None, help="With --embeddings: a float32 (Q, d) .npy file of query embeddings.")
+@click.option("--query-ids", type=PathType, default=None, help="With --embeddings: the Q query ids in row order, one per line or a JSON list.")
+def search(**params: Any) -> None:
     """Base retrieval with the frozen encoder; writes a TREC run (corpus embeddings are cached).
 
     With --embeddings/--ids/--query-embeddings/--query-ids it searches precomputed embeddings instead (no model is
     loaded; the corpus is memory-mapped and read in chunks, so it may be larger than RAM with the exact backend)."""
     from .data import load_dataset
-    from .encode import Encoder, EncoderConfig, encode_corpus, encode_queries
+    from .encode import encode_queries
     from .evaluate import hits_to_run, write_run
-    from .index import search as first_stage
+    from .workflow import Workspace
 
+    start, output, k = time.perf_counter(), params["output"], params["k"]
     try:
-        start = time.perf_counter()
-        given = {"--embeddings": embeddings, "--ids": ids, "--query-embeddings": query_embeddings, "--query-ids": query_ids}
+        encoder_config = config_from(EncoderConfig, "encoder", params)
+        given = {"--embeddings": params["embeddings"], "--ids": params["ids"], "--query-embeddings": params["query_embeddings"],
+                 "--query-ids": params["query_ids"]}
         if any(v is not None for v in given.values()):
-            if dataset is not None or any(v is None for v in given.values()):
+            if params["dataset"] is not None or any(v is None for v in given.values()):
                 raise IMRNNError(
                     "Searching precomputed embeddings needs all of --embeddings, --ids, --query-embeddings and --query-ids, "
                     f"and no --dataset (missing: {', '.join(f for f, v in given.items() if v is None) or 'none'})."
                 )
-            count = _search_embeddings(embeddings, ids, query_embeddings, query_ids, k, backend, output)
+            count = _search_embeddings(*given.values(), k, params["backend"], output)
         else:
-            if dataset is None:
+            if params["dataset"] is None:
                 raise IMRNNError("Give --dataset NAME (or --embeddings with --ids, --query-embeddings and --query-ids).")
-            data = load_dataset(dataset, data_dir, cache_dir, not no_download, drop_unknown)
-            queries = data.split(split)
-            encoder = Encoder(EncoderConfig(**({"model": model} if model else {}), precision=precision), device, batch_size)
-            docs = encode_corpus(encoder, data.corpus, cache_dir)
-            hits = first_stage(encode_queries(encoder, queries, cache_dir), docs, k, backend)
-            write_run(output, hits_to_run(queries.ids, data.corpus.ids, hits.indices, hits.scores), tag="base")
+            dataset = load_dataset(params["dataset"], params["data_dir"], params["cache_dir"], not params["no_download"],
+                                   params["drop_unknown"])
+            queries = dataset.split(params["split"])  # a bad split fails before anything is encoded
+            workspace = Workspace.open(dataset, encoder_config, k, params["backend"], cache_dir=params["cache_dir"],
+                                       device=params["device"], batch_size=params["batch_size"])
+            hits = workspace.search(encode_queries(workspace.encoder, queries, workspace.cache_dir))
+            write_run(output, hits_to_run(queries.ids, workspace.dataset.corpus.ids, hits.indices, hits.scores), tag="base")
             count = len(queries)
     except IMRNNError as err:
         _fail(err)
@@ -106,23 +160,25 @@ def _search_embeddings(embeddings: Path, ids: Path, query_embeddings: Path, quer
     return len(qids)
 
 
+# --------------------------------------------------------------------------- evaluate
+
+
 @app.command()
-def evaluate(
-    run: Optional[Path] = typer.Option(None, "--run", "-r", help="TREC run file to score."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Evaluate a trained adapter (base vs adapted) instead of a run."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="With --checkpoint: also write the adapted TREC run here."),
-    k: int = typer.Option(100, "--k", "-k", help="With --checkpoint: first-stage candidates to re-rank."),
-    device: str = DeviceOpt,
-    dataset: Optional[str] = DatasetOpt,
-    qrels: Optional[Path] = typer.Option(None, "--qrels", help="Qrels file (BEIR TSV or TREC) instead of --dataset."),
-    split: str = SplitOpt,
-    compare: Optional[Path] = typer.Option(None, "--compare", help="A second run: adds a paired test against --run."),
-    measures: str = typer.Option(",".join(("nDCG@10", "R@10", "R@100", "RR@10", "AP", "P@10")), "--measures", help="Comma-separated ir-measures names."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON object instead of a table."),
-    data_dir: Optional[str] = DataDirOpt,
-    cache_dir: Optional[Path] = CacheDirOpt,
-    no_download: bool = NoDownloadOpt,
-) -> None:
+@click.option("--run", "-r", "run_file", type=PathType, default=None, help="TREC run file to score.")
+@click.option("--checkpoint", "-c", type=PathType, default=None, help="Evaluate a trained adapter (base vs adapted) instead of a run.")
+@click.option("--output", "-o", type=PathType, default=None, help="With --checkpoint: also write the adapted TREC run here.")
+@click.option("--k", "-k", default=100, show_default=True, help="With --checkpoint: first-stage candidates to re-rank.")
+@device_option
+@dataset_option
+@click.option("--qrels", type=PathType, default=None, help="Qrels file (BEIR TSV or TREC) instead of --dataset.")
+@split_option
+@click.option("--compare", type=PathType, default=None, help="A second run: adds a paired test against --run.")
+@click.option("--measures", default="nDCG@10,R@10,R@100,RR@10,AP,P@10", show_default=True, help="Comma-separated ir-measures names.")
+@json_option
+@_shared(data_dir_option, cache_dir_option, no_download_option)
+def evaluate(run_file: Path | None, checkpoint: Path | None, output: Path | None, k: int, device: str, dataset: str | None,
+             qrels: Path | None, split: str, compare: Path | None, measures: str, as_json: bool, data_dir: str | None,
+             cache_dir: Path | None, no_download: bool) -> None:
     """Score a TREC run against qrels with pytrec_eval (optionally against a second run), or a checkpoint."""
     from .data import load_dataset, read_qrels
     from .evaluate import evaluate_run, evaluated_queries, paired_test, per_query, read_run
@@ -131,13 +187,13 @@ def evaluate(
         _evaluate_checkpoint(checkpoint, dataset, split, k, output, as_json, device, data_dir, cache_dir, no_download)
         return
     try:
-        if run is None:
+        if run_file is None:
             raise IMRNNError("Give --run FILE (a TREC run) or --checkpoint DIR (a trained adapter).")
         if (dataset is None) == (qrels is None):
             raise IMRNNError("Give exactly one of --dataset NAME (with --split) or --qrels FILE.")
         judgements = read_qrels(qrels) if qrels else load_dataset(dataset, data_dir, cache_dir, not no_download).split(split).qrels
         names = [m.strip() for m in measures.split(",") if m.strip()]
-        main_run = read_run(run)
+        main_run = read_run(run_file)
         result: dict = {"metrics": evaluate_run(main_run, judgements, names), "queries": len(evaluated_queries(judgements))}
         if compare is not None:
             other = read_run(compare)
@@ -147,44 +203,38 @@ def evaluate(
     except IMRNNError as err:
         _fail(err)
     if as_json:
-        typer.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(result, indent=2))
         return
-    _print_metrics(result, run, compare)
+    _print_metrics(result, run_file, compare)
 
 
-def _evaluate_checkpoint(checkpoint: Path, dataset: Optional[str], split: str, k: int, output: Optional[Path],
-                         as_json: bool, device: str, data_dir: Optional[str], cache_dir: Optional[Path], no_download: bool) -> None:
+def _evaluate_checkpoint(checkpoint: Path, dataset: str | None, split: str, k: int, output: Path | None, as_json: bool,
+                         device: str, data_dir: str | None, cache_dir: Path | None, no_download: bool) -> None:
     """Base vs adapted for a checkpoint on one split of a dataset; unseen-relevant = w.r.t. all other splits."""
     from .checkpoint import load_checkpoint
-    from .data import load_dataset
-    from .encode import Encoder
     from .evaluate import write_run
-    from .pipeline import Prepared, evaluate_adapter
+    from .workflow import SplitPlan, Workspace, evaluate as evaluate_adapter
 
     try:
         if dataset is None:
             raise IMRNNError("--checkpoint needs --dataset NAME to evaluate on.")
         ckpt = load_checkpoint(checkpoint, device)
-        data = load_dataset(dataset, data_dir, cache_dir, not no_download)
-        queries = data.split(split)
-        encoder = Encoder(ckpt.encoder, device)
-        prepared = Prepared.build(data, encoder, cache_dir, k)
-        if prepared.doc_embs.shape[1] != ckpt.model_config.embedding_dim:
-            raise IMRNNError(f"Encoder gives {prepared.doc_embs.shape[1]}-d embeddings; the checkpoint expects {ckpt.model_config.embedding_dim}.")
-        seen = {q: docs for name, qrels in data.qrels.items() if name != split for q, docs in qrels.items()}
-        report, adapted_run = evaluate_adapter(ckpt.model, prepared, queries, seen)
-        report["split"] = split
+        workspace = Workspace.open(dataset, ckpt.encoder, k, data_dir=data_dir, cache_dir=cache_dir,
+                                   download=not no_download, device=device)
+        if workspace.dimension != ckpt.model_config.embedding_dim:
+            raise IMRNNError(f"Encoder gives {workspace.dimension}-d embeddings; the checkpoint expects {ckpt.model_config.embedding_dim}.")
+        report = evaluate_adapter(ckpt.model, workspace, SplitPlan.holdout(workspace.dataset, split))
         if output is not None:
-            write_run(output, adapted_run, tag="imrnn")
+            write_run(output, report.adapted_run, tag="imrnn")
     except IMRNNError as err:
         _fail(err)
     if as_json:
-        typer.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        _print_report(report)
+        _print_report(report.to_dict())
 
 
-def _print_metrics(result: dict, run: Path, compare: Optional[Path]) -> None:
+def _print_metrics(result: dict, run: Path, compare: Path | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -204,183 +254,73 @@ def _print_metrics(result: dict, run: Path, compare: Optional[Path]) -> None:
     Console().print(table)
 
 
-def _encoder(model: Optional[str], precision: str, device: str, batch_size: int):
-    from .encode import Encoder, EncoderConfig
-
-    return Encoder(EncoderConfig(**({"model": model} if model else {}), precision=precision), device, batch_size)
+# --------------------------------------------------------------------------- train and run
 
 
-def _train_and_report(args: dict) -> tuple[dict, Path]:
-    """Shared by `train` and `run`: encode (or reuse), train, evaluate on the test split, save the checkpoint.
-
-    The training state is saved after every epoch in `<output>.state/` (removed once the checkpoint is written),
-    so a killed run continues with `--resume` and ends with the same weights as an uninterrupted one."""
-    from .checkpoint import save_checkpoint
-    from .data import default_cache_dir, load_dataset
-    from .pipeline import Prepared, checkpoint_from, evaluate_adapter, fit, validation_split as split_validation
-    from .resume import discard_state, has_state
-
-    cache_dir = args["cache_dir"]
-    data = load_dataset(args["dataset"], args["data_dir"], cache_dir, not args["no_download"], args["drop_unknown"])
-    encoder = _encoder(args["model"], args["precision"], args["device"], args["batch_size"])
-    prepared = Prepared.build(data, encoder, cache_dir, args["k"])
-    model_config, train_config = _build_configs(args["flags"], args["k"], prepared.doc_embs.shape[1])
-    train_split, test_split = args["train_split"], args["test_split"]
-    train_q, val_q = split_validation(data, train_split, args["validation_split"], train_config.validation_fraction, train_config.seed)
-    _info(f"{data.name}: {len(data.corpus)} documents; train {len(train_q)} / validation {len(val_q)} queries")
-    target = args["output"] or Path(cache_dir or default_cache_dir()) / "checkpoints" / f"{data.name}-seed{train_config.seed}"
-    state_dir = target.with_name(target.name + ".state")
-    resume = args.get("resume", False)
-    if not resume and has_state(state_dir):
-        _info(f"found the state of an interrupted training in {state_dir}; starting over (pass --resume to continue it)")
-    result = fit(prepared, train_q, val_q, model_config, train_config, args["device"], state_dir=state_dir, resume=resume)
-    gate = (result.gate or {}).get("threshold")
-    _info(f"trained in {result.seconds:.1f}s; best epoch {result.best_epoch}, validation nDCG@10 {result.best_validation:.4f}; "
-          f"novelty gate threshold {gate if gate is not None else 'none'}")
-    report = None
-    if test_split is not None and test_split in data.splits:
-        train_qrels = {**data.qrels[train_split], **val_q.qrels}
-        report, _ = evaluate_adapter(result.model, prepared, data.split(test_split), train_qrels)
-        report["split"] = test_split
-    save_checkpoint(checkpoint_from(result, prepared, train_config, train_q, val_q, report), target)
-    discard_state(state_dir)
-    return report or {}, target
-
-
-def _build_configs(flags: dict, k: int, embedding_dim: int):
-    """Map the training flags one-to-one onto IMRNNConfig and TrainConfig."""
-    from .config import IMRNNConfig, TrainConfig
-
-    model_fields = {"working_dim", "hidden_dim", "dropout", "feedback_docs", "iterations"}
-    model_config = IMRNNConfig(
-        embedding_dim=embedding_dim,
-        identity_init=flags["working_dim"] is None,
-        use_query_adapter=not flags["no_query_adapter"],
-        use_doc_adapter=not flags["no_doc_adapter"],
-        **{k_: v for k_, v in flags.items() if k_ in model_fields},
+def _training_command(default_dataset: str | None, test_help: str) -> Callable[[Callable], Callable]:
+    """The options of `train` and `run`: data and encoder, splits, output, and every model and training field."""
+    dataset = (click.option("--dataset", "-d", default=default_dataset, show_default=True, help="BEIR dataset name or folder path.")
+               if default_dataset else click.option("--dataset", "-d", required=True, help="BEIR dataset name or folder path."))
+    return _shared(
+        dataset,
+        click.option("--output", "-o", type=PathType, default=None,
+                     help="Checkpoint folder to write [default: <cache>/checkpoints/<dataset>-seed<seed>]."),
+        click.option("--train-split", default="train", show_default=True, help="Split whose queries train the adapter."),
+        click.option("--validation-split", default="auto", show_default=True,
+                     help="'auto' (dev if present, else carve), 'carve', 'disjoint', or a split name."),
+        click.option("--test-split", default="test", show_default=True, help=test_help),
+        json_option,
+        click.option("--resume", is_flag=True, help="Continue an interrupted training from its last finished epoch (state in <output>.state/)."),
+        config_options(IMRNNConfig, "model"),
+        config_options(TrainConfig, "train"),
+        config_options(EncoderConfig, "encoder"),
+        device_option, batch_option, data_dir_option, cache_dir_option, no_download_option, drop_unknown_option,
     )
-    skip = model_fields | {"no_query_adapter", "no_doc_adapter", "no_novelty_gate", "train_batch_size"}
-    train_config = TrainConfig(batch_size=flags["train_batch_size"], candidates=k, novelty_gate=not flags["no_novelty_gate"],
-                               **{k_: v for k_, v in flags.items() if k_ not in skip})
-    return model_config, train_config
-
-
-def _training_options(func):
-    """Decorator adding one CLI flag per IMRNNConfig / TrainConfig field (defaults come from the dataclasses)."""
-    import inspect
-
-    from .config import IMRNNConfig, TrainConfig
-
-    m, t = IMRNNConfig(), TrainConfig()
-    extra = {
-        "seed": (int, t.seed, "Seed for initialisation, shuffling and the validation carve-out."),
-        "loss": (str, t.loss, "Training loss: listwise (softmax over the candidate list) or margin (hinge vs hard negatives)."),
-        "epochs": (int, t.epochs, "Maximum epochs."),
-        "lr": (float, t.lr, "AdamW learning rate."),
-        "weight_decay": (float, t.weight_decay, "AdamW weight decay."),
-        "temperature": (float, t.temperature, "Softmax temperature of the listwise loss."),
-        "margin": (float, t.margin, "Hinge margin of the margin loss."),
-        "hard_negatives": (int, t.hard_negatives, "Hardest candidates used as negatives per positive (margin loss)."),
-        "bm25_negatives": (int, t.bm25_negatives, "Extra BM25 negatives (bm25s) appended to each training candidate list."),
-        "max_added_positives": (int, t.max_added_positives, "Positives the first stage missed that are put into a training list."),
-        "validation_fraction": (float, t.validation_fraction, "Share of training queries carved out for validation."),
-        "patience": (int, t.patience, "Stop after this many epochs without a better validation nDCG@10."),
-        "train_batch_size": (int, t.batch_size, "Queries per training step."),
-        "working_dim": (Optional[int], m.working_dim, "Working-space dimension (default: square, identity-initialised)."),
-        "hidden_dim": (int, m.hidden_dim, "Hidden width of each adapter MLP."),
-        "dropout": (float, m.dropout, "Dropout inside the adapters."),
-        "feedback_docs": (int, m.feedback_docs, "Top-m candidates the document adapter reads (feedback size)."),
-        "iterations": (int, m.iterations, "Modulate/refine rounds (the refined query conditions the documents again)."),
-        "no_query_adapter": (bool, False, "Ablation: disable the query adapter A_q."),
-        "no_doc_adapter": (bool, False, "Ablation: disable the document adapter A_d."),
-        "no_novelty_gate": (bool, False, "Do not calibrate the novelty gate (always use the adapted score)."),
-    }
-    signature = inspect.signature(func)
-    params = [p for p in signature.parameters.values() if p.name != "flags"]
-    for name, (kind, default, help_text) in extra.items():
-        option = typer.Option(default, f"--{name.replace('_', '-')}", help=help_text)
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
-
-    def wrapper(**kwargs):
-        own = {k: kwargs.pop(k) for k in list(kwargs) if k in extra}
-        return func(**kwargs, flags=own)
-
-    wrapper.__signature__ = signature.replace(parameters=params)
-    wrapper.__name__, wrapper.__doc__ = func.__name__, func.__doc__
-    return wrapper
-
-
-CheckpointOutOpt = typer.Option(None, "--output", "-o", help="Checkpoint folder to write [default: <cache>/checkpoints/<dataset>-seed<seed>].")
-TrainSplitOpt = typer.Option("train", "--train-split", help="Split whose queries train the adapter.")
-ValidationSplitOpt = typer.Option("auto", "--validation-split", help="'auto' (dev if present, else carve), 'carve', 'disjoint', or a split name.")
-CandidatesOpt = typer.Option(100, "--k", "-k", help="First-stage candidates the adapter re-ranks (K).")
-ReportJsonOpt = typer.Option(False, "--json", help="Print the evaluation report as JSON instead of a table.")
-ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted training from its last finished epoch (state in <output>.state/).")
 
 
 @app.command()
-@_training_options
-def train(
-    dataset: str = typer.Option(..., "--dataset", "-d", help="BEIR dataset name or folder path."),
-    output: Optional[Path] = CheckpointOutOpt,
-    train_split: str = TrainSplitOpt,
-    validation_split: str = ValidationSplitOpt,
-    test_split: Optional[str] = typer.Option("test", "--test-split", help="Split evaluated after training (skipped if absent)."),
-    k: int = CandidatesOpt,
-    as_json: bool = ReportJsonOpt,
-    model: Optional[str] = ModelOpt,
-    precision: str = PrecisionOpt,
-    device: str = DeviceOpt,
-    batch_size: int = BatchOpt,
-    data_dir: Optional[str] = DataDirOpt,
-    cache_dir: Optional[Path] = CacheDirOpt,
-    no_download: bool = NoDownloadOpt,
-    drop_unknown: bool = DropUnknownOpt,
-    resume: bool = ResumeOpt,
-    flags: dict = None,  # type: ignore[assignment]
-) -> None:
+@_training_command(None, "Split evaluated after training (skipped if absent).")
+def train(**params: Any) -> None:
     """Train IMRNN adapters on a dataset's training queries, evaluate on the test split, save a checkpoint."""
-    _train_command(locals(), require_test=False)
+    _train_command(params, require_test=False)
 
 
 @app.command()
-@_training_options
-def run(
-    dataset: str = typer.Option("scifact", "--dataset", "-d", help="BEIR dataset name or folder path."),
-    output: Optional[Path] = CheckpointOutOpt,
-    train_split: str = TrainSplitOpt,
-    validation_split: str = ValidationSplitOpt,
-    test_split: str = typer.Option("test", "--test-split", help="Split to evaluate on."),
-    k: int = CandidatesOpt,
-    as_json: bool = ReportJsonOpt,
-    model: Optional[str] = ModelOpt,
-    precision: str = PrecisionOpt,
-    device: str = DeviceOpt,
-    batch_size: int = BatchOpt,
-    data_dir: Optional[str] = DataDirOpt,
-    cache_dir: Optional[Path] = CacheDirOpt,
-    no_download: bool = NoDownloadOpt,
-    drop_unknown: bool = DropUnknownOpt,
-    resume: bool = ResumeOpt,
-    flags: dict = None,  # type: ignore[assignment]
-) -> None:
+@_training_command("scifact", "Split to evaluate on.")
+def run(**params: Any) -> None:
     """The whole pipeline: encode (or reuse the cache) -> base top-K -> train adapters -> evaluate base vs adapted."""
-    _train_command(locals(), require_test=True)
+    _train_command(params, require_test=True)
 
 
-def _train_command(args: dict, require_test: bool) -> None:
+def _train_command(params: dict[str, Any], require_test: bool) -> None:
+    """`train` and `run`: configs from the generated options, then `imrnn.workflow.run_pipeline`."""
+    from .data import load_dataset
+    from .workflow import SplitPlan, Workspace, run_pipeline
+
     try:
-        if require_test and args["test_split"] is None:
-            raise IMRNNError("`imrnn run` needs a --test-split to evaluate on.")
-        report, target = _train_and_report(args)
-        if require_test and not report:
-            raise IMRNNError(f"Dataset {args['dataset']!r} has no split {args['test_split']!r} to evaluate on; pass --test-split.")
+        train_config = config_from(TrainConfig, "train", params)
+        square = params["model__working_dim"] is None  # only a square projection can start at the identity
+        model_config = config_from(IMRNNConfig, "model", params, identity_init=square)
+        encoder_config = config_from(EncoderConfig, "encoder", params)
+        dataset = load_dataset(params["dataset"], params["data_dir"], params["cache_dir"], not params["no_download"],
+                               params["drop_unknown"])
+        test_split = params["test_split"]
+        if require_test and test_split not in dataset.splits:
+            raise IMRNNError(f"Dataset {params['dataset']!r} has no split {test_split!r} to evaluate on; pass --test-split.")
+        plan = SplitPlan.official(dataset, params["train_split"], params["validation_split"], test_split,
+                                  train_config.validation_fraction, train_config.seed)  # bad splits fail before encoding
+        workspace = Workspace.open(dataset, encoder_config, train_config.candidates, cache_dir=params["cache_dir"],
+                                   device=params["device"], batch_size=params["batch_size"])
+        _info(f"{dataset.name}: {len(dataset.corpus)} documents; train {len(plan.train)} / validation {len(plan.validation)} queries")
+        report, target = run_pipeline(workspace, plan, train_config, model_config, params["output"], params["device"],
+                                      params["resume"], log=_info)
     except IMRNNError as err:
         _fail(err)
-    if args.get("as_json"):
-        typer.echo(json.dumps(report, indent=2))
-    elif report:
-        _print_report(report)
+    result = report.to_dict() if report is not None else {}
+    if params["as_json"]:
+        click.echo(json.dumps(result, indent=2))
+    elif result:
+        _print_report(result)
     _info(f"checkpoint saved to {target}")
 
 
@@ -409,30 +349,33 @@ def _print_report(report: dict) -> None:
         console.print("unseen-relevant subset: empty (every test query has a relevant document seen in training)")
 
 
+# --------------------------------------------------------------------------- explain
+
+
 @app.command()
-def explain(
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Checkpoint folder written by `imrnn train`."),
-    dataset: Optional[str] = DatasetOpt,
-    split: str = SplitOpt,
-    query_id: Optional[str] = typer.Option(None, "--query-id", "-q", help="Query of --dataset/--split to explain."),
-    query: Optional[str] = typer.Option(None, "--query", help="Free-text query to explain (with --documents)."),
-    documents: Optional[Path] = typer.Option(None, "--documents", help="JSONL candidates for --query: one {\"_id\", \"title\"?, \"text\"} per line."),
-    faithfulness: bool = typer.Option(False, "--faithfulness", help="Run the deletion test over the whole split instead."),
-    n: int = typer.Option(3, "--n", help="Deletion test: query words deleted per pair."),
-    draws: int = typer.Option(10, "--draws", help="Deletion test: random deletions averaged per pair."),
-    top: int = typer.Option(10, "--top", help="Show the adapted and the base top-N candidates."),
-    k: int = typer.Option(100, "--k", "-k", help="First-stage candidates the adapter re-ranks (K)."),
-    concepts: int = typer.Option(10, "--concepts", help="Concepts per list."),
-    doc_words: int = typer.Option(1, "--doc-words", help="Documents given word attributions (most promoted first; ~0.15 s each)."),
-    vocabulary: str = typer.Option("encoder", "--vocabulary", help="Concept vocabulary: encoder (tokens through the full encoder, cached) or input (word-embedding matrix)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the explanation (or deletion report) as JSON."),
-    html_out: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML report here."),
-    plots: Optional[Path] = typer.Option(None, "--plots", help="Also write rank_shift.png and concepts.png into this folder (needs imrnn[plots])."),
-    device: str = DeviceOpt,
-    data_dir: Optional[str] = DataDirOpt,
-    cache_dir: Optional[Path] = CacheDirOpt,
-    no_download: bool = NoDownloadOpt,
-) -> None:
+@click.option("--checkpoint", "-c", type=PathType, required=True, help="Checkpoint folder written by `imrnn train`.")
+@dataset_option
+@split_option
+@click.option("--query-id", "-q", default=None, help="Query of --dataset/--split to explain.")
+@click.option("--query", default=None, help="Free-text query to explain (with --documents).")
+@click.option("--documents", type=PathType, default=None, help="JSONL candidates for --query: one {\"_id\", \"title\"?, \"text\"} per line.")
+@click.option("--faithfulness", is_flag=True, help="Run the deletion test over the whole split instead.")
+@click.option("--n", default=3, show_default=True, help="Deletion test: query words deleted per pair.")
+@click.option("--draws", default=10, show_default=True, help="Deletion test: random deletions averaged per pair.")
+@click.option("--top", default=10, show_default=True, help="Show the adapted and the base top-N candidates.")
+@click.option("--k", "-k", default=100, show_default=True, help="First-stage candidates the adapter re-ranks (K).")
+@click.option("--concepts", default=10, show_default=True, help="Concepts per list.")
+@click.option("--doc-words", default=1, show_default=True, help="Documents given word attributions (most promoted first; ~0.15 s each).")
+@click.option("--vocabulary", default="encoder", show_default=True,
+              help="Concept vocabulary: encoder (tokens through the full encoder, cached) or input (word-embedding matrix).")
+@click.option("--json", "as_json", is_flag=True, help="Print the explanation (or deletion report) as JSON.")
+@click.option("--html", "html_out", type=PathType, default=None, help="Also write a self-contained HTML report here.")
+@click.option("--plots", type=PathType, default=None, help="Also write rank_shift.png and concepts.png into this folder (needs imrnn[plots]).")
+@_shared(device_option, data_dir_option, cache_dir_option, no_download_option)
+def explain(checkpoint: Path, dataset: str | None, split: str, query_id: str | None, query: str | None, documents: Path | None,
+            faithfulness: bool, n: int, draws: int, top: int, k: int, concepts: int, doc_words: int, vocabulary: str,
+            as_json: bool, html_out: Path | None, plots: Path | None, device: str, data_dir: str | None,
+            cache_dir: Path | None, no_download: bool) -> None:
     """Explain a checkpoint's re-ranking of one query (score parts, concepts, word attributions), or test faithfulness."""
     from .explain import Explainer, explain_dataset_query, read_documents, split_deletion_test
 
@@ -450,15 +393,14 @@ def explain(
             ids, texts = read_documents(documents)
             result = explainer.explain(query, ids, texts, top=top, concepts=concepts, doc_words=doc_words, k=k)
         else:
-            from .data import load_dataset
-            from .pipeline import Prepared
+            from .workflow import Workspace
 
-            data = load_dataset(dataset, data_dir, cache_dir, not no_download)
-            prepared = Prepared.build(data, explainer.encoder, cache_dir, k)
+            workspace = Workspace.open(dataset, explainer.encoder, k, data_dir=data_dir, cache_dir=cache_dir,
+                                       download=not no_download)
             if faithfulness:
-                result = split_deletion_test(explainer, prepared, split, n=n, draws=draws, top=top)
+                result = split_deletion_test(explainer, workspace, split, n=n, draws=draws, top=top)
             else:
-                result = explain_dataset_query(explainer, prepared, split, query_id, top, concepts, doc_words)
+                result = explain_dataset_query(explainer, workspace, split, query_id, top, concepts, doc_words)
         if not faithfulness:
             from .report import save_plots, write_html
 
@@ -469,16 +411,16 @@ def explain(
     except (IMRNNError, ImportError) as err:
         _fail(err)
     if as_json:
-        typer.echo(result.to_json(indent=2))
+        click.echo(result.to_json(indent=2))
     elif faithfulness:
         from .report import deletion_markdown
 
-        typer.echo(deletion_markdown(result, f"{dataset} {split}, checkpoint {checkpoint}"))
+        click.echo(deletion_markdown(result, f"{dataset} {split}, checkpoint {checkpoint}"))
     else:
         _print_explanation(result, top)
 
 
-def _print_explanation(exp, top: int) -> None:
+def _print_explanation(exp: Any, top: int) -> None:
     """Ranking before/after with the exact score split, then the query's concepts and its most telling words."""
     from rich import box
     from rich.console import Console

@@ -5,10 +5,26 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ConfigError
 
 LOSSES = ("listwise", "margin")
+PRECISIONS = ("fp32", "bf16")
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def setting(default: Any, help: str, flag: str | None = None, short: str | None = None, cli: bool = True) -> Any:
+    """A configuration field declared once: its default, its help text and its command-line flag.
+
+    The flag defaults to `--field-name`; `cli=False` marks fields the workflow derives (the encoder's dimension,
+    the calibrated gate) rather than a user's choice. `imrnn.cli` builds its options from these declarations."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "short": short, "cli": cli})
+
+
+def command_line_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a config class a user sets from the command line, in declaration order."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", False)]
 _JSON_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "bool": bool, "str": str}
 
 
@@ -37,18 +53,20 @@ class IMRNNConfig:
     score = g * adapted + (1 - g) * frozen. Training calibrates it on validation; 0 = no gate.
     """
 
-    embedding_dim: int = 384
-    working_dim: int | None = None
-    identity_init: bool = True
-    hidden_dim: int = 128
-    dropout: float = 0.1
-    use_query_adapter: bool = True
-    use_doc_adapter: bool = True
-    feedback_docs: int = 5
-    iterations: int = 1
-    memory_size: int = 0
-    gate_threshold: float | None = None
-    gate_width: float = 0.05
+    embedding_dim: int = setting(384, "Dimension of the frozen encoder's embeddings.", cli=False)  # from the encoder
+    working_dim: int | None = setting(None, "Working-space dimension (default: square, identity-initialised).")
+    identity_init: bool = setting(True, "Start the square projection at the identity.", cli=False)  # = square
+    hidden_dim: int = setting(128, "Hidden width of each adapter MLP.")
+    dropout: float = setting(0.1, "Dropout inside the adapters.")
+    use_query_adapter: bool = setting(True, "Use the query adapter A_q (--no-query-adapter: ablation).",
+                                      flag="--query-adapter/--no-query-adapter")
+    use_doc_adapter: bool = setting(True, "Use the document adapter A_d (--no-doc-adapter: ablation).",
+                                    flag="--doc-adapter/--no-doc-adapter")
+    feedback_docs: int = setting(5, "Top-m candidates the document adapter reads (feedback size).")
+    iterations: int = setting(1, "Modulate/refine rounds (the refined query conditions the documents again).")
+    memory_size: int = setting(0, "Training queries kept for the novelty gate.", cli=False)  # set by calibration
+    gate_threshold: float | None = setting(None, "Novelty-gate threshold.", cli=False)  # set by calibration
+    gate_width: float = setting(0.05, "Width of the novelty gate's sigmoid (cosine units).")
 
     def __post_init__(self) -> None:
         if self.memory_size < 0 or self.gate_width <= 0:
@@ -91,21 +109,22 @@ class IMRNNConfig:
 class TrainConfig:
     """How the adapters are trained; every field maps to an `imrnn train` flag."""
 
-    loss: str = "margin"
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    temperature: float = 0.05
-    margin: float = 0.1
-    hard_negatives: int = 16
-    bm25_negatives: int = 0
-    candidates: int = 100
-    max_added_positives: int = 0
-    validation_fraction: float = 0.15
-    patience: int = 6
-    novelty_gate: bool = True
-    seed: int = 42
+    loss: str = setting("margin", "Training loss: listwise (softmax over the candidate list) or margin (hinge vs hard negatives).")
+    epochs: int = setting(30, "Maximum epochs.")
+    batch_size: int = setting(32, "Queries per training step.", flag="--train-batch-size")
+    lr: float = setting(1e-3, "AdamW learning rate.")
+    weight_decay: float = setting(0.01, "AdamW weight decay.")
+    temperature: float = setting(0.05, "Softmax temperature of the listwise loss.")
+    margin: float = setting(0.1, "Hinge margin of the margin loss.")
+    hard_negatives: int = setting(16, "Hardest candidates used as negatives per positive (margin loss).")
+    bm25_negatives: int = setting(0, "Extra BM25 negatives (bm25s) appended to each training candidate list.")
+    candidates: int = setting(100, "First-stage candidates the adapter re-ranks (K).", flag="--k", short="-k")
+    max_added_positives: int = setting(0, "Positives the first stage missed that are put into a training list.")
+    validation_fraction: float = setting(0.15, "Share of training queries carved out for validation.")
+    patience: int = setting(6, "Stop after this many epochs without a better validation nDCG@10.")
+    novelty_gate: bool = setting(True, "Calibrate the novelty gate on validation (--no-novelty-gate: always the adapted score).",
+                                 flag="--novelty-gate/--no-novelty-gate")
+    seed: int = setting(42, "Seed for initialisation, shuffling and the validation carve-out.")
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -132,3 +151,21 @@ class TrainConfig:
         if set(values) - known:
             raise ConfigError(f"Unknown TrainConfig fields {sorted(set(values) - known)}; known: {sorted(known)}.")
         return cls(**check_types(cls, values))
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """What determines an embedding: the model, the prefixes and the numeric precision."""
+
+    model: str = setting(DEFAULT_MODEL, "sentence-transformers model name or path (the default MiniLM is bundled).",
+                         short="-m")
+    query_prefix: str = setting("", "Text put before every query (e.g. 'query: ' for E5 models).")
+    passage_prefix: str = setting("", "Text put before every passage (e.g. 'passage: ' for E5 models).")
+    precision: str = setting("fp32", "Encoding precision: fp32, or bf16 (autocast; faster on CPUs with native bf16).")
+    max_length: int | None = setting(None, "Truncate texts to this many tokens (default: the model's own limit).")
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigError(f"max_length must be positive, got {self.max_length}.")

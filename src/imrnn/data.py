@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .errors import DataError
+from .files import publish_folder
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
 Qrels = dict[str, dict[str, int]]
@@ -85,7 +86,7 @@ class QuerySet:
         text = dict(zip(self.ids, self.texts))
         missing = [q for q in ids if q not in text]
         if missing:
-            raise DataError(f"{len(missing)} query ids are not in split {self.name!r} (first: {_clip(missing[0])}).")
+            raise DataError(f"{len(missing)} query ids are not in split {self.name!r} (first: {clip(missing[0])}).")
         return QuerySet(name or self.name, list(ids), [text[q] for q in ids], {q: self.qrels[q] for q in ids})
 
 
@@ -123,13 +124,13 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_RELEVANCE = 2**31 - 1  # pytrec_eval stores grades as C ints; larger values would silently wrap
 
 
-def _clip(value: object, limit: int = 80) -> str:
+def clip(value: object, limit: int = 80) -> str:
     """`repr` of a value cut to `limit` characters, so error messages stay short even for huge lines."""
     text = str(value)
     return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
+def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) for each line of a UTF-8 file (optional BOM; `\\n`, `\\r\\n` or `\\r` line ends).
 
     Raises DataError, naming file and line, on unreadable files, UTF-16/32 files, NUL bytes and bytes that are
@@ -178,7 +179,7 @@ def _check_id(path: Path, number: int, value: str, what: str) -> str:
     """An id must be one token: non-empty, no whitespace or control characters (TREC files split on whitespace)."""
     if value.split() != [value] or any(unicodedata.category(c) in ("Cc", "Cs") for c in value):
         raise DataError(
-            f"{path}:{number}: {what} {_clip(value)} contains whitespace or control characters. Ids must be single "
+            f"{path}:{number}: {what} {clip(value)} contains whitespace or control characters. Ids must be single "
             "tokens, because qrels and TREC run files separate their columns by whitespace; rename it."
         )
     return value
@@ -187,7 +188,7 @@ def _check_id(path: Path, number: int, value: str, what: str) -> str:
 def _read_jsonl(path: Path, kind: str) -> Iterator[tuple[int, dict]]:
     if not path.is_file():
         raise DataError(f"Missing {kind} file {path}. A BEIR folder needs corpus.jsonl, queries.jsonl and qrels/<split>.tsv.")
-    for number, line in _lines(path):
+    for number, line in numbered_lines(path):
         if not line.strip():
             continue
         try:
@@ -223,7 +224,7 @@ def _read_records(path: Path, kind: str) -> tuple[list[str], list[str], list[str
         rid = str(record["_id"])
         if rid in seen:
             raise DataError(
-                f"{path}:{number}: duplicate _id {_clip(rid)} (first seen on line {seen[rid]}). Ids must be unique; remove or rename one."
+                f"{path}:{number}: duplicate _id {clip(rid)} (first seen on line {seen[rid]}). Ids must be unique; remove or rename one."
             )
         seen[rid] = number
         ids.append(rid)
@@ -240,7 +241,7 @@ def read_qrels(path: str | Path) -> Qrels:
     if not path.is_file():
         raise DataError(f"Missing qrels file {path}. Pass an existing qrels TSV/TREC file.")
     qrels: Qrels = {}
-    for number, line in _lines(path):
+    for number, line in numbered_lines(path):
         fields = line.split()
         if not fields:
             continue
@@ -254,9 +255,9 @@ def read_qrels(path: str | Path) -> Qrels:
         try:
             value = int(rel)
         except ValueError:
-            raise DataError(f"{path}:{number}: relevance {_clip(rel)} is not an integer. Use integer grades such as 0, 1, 2.") from None
+            raise DataError(f"{path}:{number}: relevance {clip(rel)} is not an integer. Use integer grades such as 0, 1, 2.") from None
         if abs(value) > MAX_RELEVANCE:
-            raise DataError(f"{path}:{number}: relevance {_clip(rel)} is out of range; grades are small integers such as 0, 1, 2.")
+            raise DataError(f"{path}:{number}: relevance {clip(rel)} is out of range; grades are small integers such as 0, 1, 2.")
         qrels.setdefault(qid, {})[doc] = value
     if not qrels:
         raise DataError(f"{path}: no judgements found. The file must hold lines `query-id corpus-id score`.")
@@ -279,13 +280,13 @@ def read_ids(path: str | Path, count: int | None = None, what: str = "document")
             raise DataError(f"{path} must hold a JSON list of id strings, e.g. [\"d1\", \"d2\"].")
         numbered: Iterator[tuple[int, str]] = enumerate(values, start=1)
     else:
-        numbered = ((n, line.strip()) for n, line in _lines(path) if line.strip())
+        numbered = ((n, line.strip()) for n, line in numbered_lines(path) if line.strip())
     ids: list[str] = []
     seen: set[str] = set()
     for number, value in numbered:
         _check_id(path, number, value, f"{what} id")
         if value in seen:
-            raise DataError(f"{path}:{number}: duplicate {what} id {_clip(value)}. Ids must be unique.")
+            raise DataError(f"{path}:{number}: duplicate {what} id {clip(value)}. Ids must be unique.")
         seen.add(value)
         ids.append(value)
     if count is not None and len(ids) != count:
@@ -372,7 +373,7 @@ def download_beir(name: str, cache_dir: str | Path | None = None, url: str | Non
         final = target_root / name
         if final.exists():
             return final  # another process finished first
-        os.replace(inner, final)
+        publish_folder(inner, final)
     return final
 
 

@@ -6,26 +6,20 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
-import warnings
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from filelock import FileLock
 from tqdm.auto import tqdm
 
 from .data import Corpus, QuerySet, default_cache_dir, fingerprint_texts
+from .config import DEFAULT_MODEL, EncoderConfig
 from .errors import ConfigError
+from .files import atomic_save_npy, atomic_write_json, release_pages, remove_folder
 
-if TYPE_CHECKING:
-    import torch
-
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _MINILM_NAMES = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "minilm"}
-PRECISIONS = ("fp32", "bf16")
 CACHE_FORMAT = 1
 
 
@@ -55,23 +49,6 @@ def _folder_digest(path: str, mtime_ns: int) -> str:
                     handle.seek(-(1 << 20), os.SEEK_END)
                     digest.update(handle.read())
     return digest.hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    """What determines an embedding: the model, the prefixes and the numeric precision."""
-
-    model: str = DEFAULT_MODEL
-    query_prefix: str = ""
-    passage_prefix: str = ""
-    precision: str = "fp32"
-    max_length: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
-        if self.max_length is not None and self.max_length < 1:
-            raise ConfigError(f"max_length must be positive, got {self.max_length}.")
 
 
 class Encoder:
@@ -151,21 +128,6 @@ class Encoder:
 # --------------------------------------------------------------------------- the cache
 
 
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def cache_manifest(encoder: Encoder, ids: Sequence[str], texts: Sequence[str], prefix: str) -> dict[str, Any]:
     """Everything an embedding depends on; a cache entry is reused only when this matches exactly."""
     return {
@@ -222,10 +184,7 @@ def encode_cached(
             _build_entry(encoder, ids, texts, partial, manifest, prefix, kind, chunk_size, progress)
         for stale in partial.glob("chunk_*.npy"):  # this run's chunks and any left by another chunk_size
             stale.unlink()
-        if final.exists():  # a stale or mismatching entry under the same key: move it aside, then replace it
-            trash = root / f".{key}.trash{os.getpid()}"
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+        remove_folder(final)  # a stale or mismatching entry under the same key (we hold the lock)
         os.replace(partial, final)
     loaded = _load_entry(final, manifest)
     if loaded is None:
@@ -236,7 +195,7 @@ def encode_cached(
 def _build_entry(encoder: Encoder, ids: Sequence[str], texts: Sequence[str], partial: Path, manifest: dict[str, Any],
                  prefix: str, kind: str, chunk_size: int, progress: bool) -> None:
     """Encode the missing length-sorted chunks into `partial`, then assemble them into a complete entry there."""
-    _write_json_atomic(partial / "manifest.json", manifest)
+    atomic_write_json(partial / "manifest.json", manifest)
     order = np.argsort([len(t) for t in texts], kind="stable")
     starts = range(0, len(texts), chunk_size)
 
@@ -257,7 +216,7 @@ def _build_entry(encoder: Encoder, ids: Sequence[str], texts: Sequence[str], par
                 f"text {texts[first][:60]!r}). Such embeddings would poison every score; check the model files, or "
                 "encode with --precision fp32."
             )
-        _save_npy_atomic(chunk_file(start), embs)
+        atomic_save_npy(chunk_file(start), embs)
         bar.update(len(chunk))
     bar.close()
     first = np.load(chunk_file(0), mmap_mode="r")
@@ -274,8 +233,8 @@ def _build_entry(encoder: Encoder, ids: Sequence[str], texts: Sequence[str], par
             written = 0
     matrix.flush()
     del matrix
-    _write_json_atomic(partial / "ids.json", list(ids))
-    _write_json_atomic(partial / "manifest.json", dict(manifest, dimension=int(first.shape[1]), complete=True))
+    atomic_write_json(partial / "ids.json", list(ids))
+    atomic_write_json(partial / "manifest.json", dict(manifest, dimension=int(first.shape[1]), complete=True))
 
 
 _RELEASE_BYTES = 256 << 20
@@ -293,48 +252,6 @@ def _chunk_ok(path: Path, rows: int) -> bool:
         pass
     path.unlink(missing_ok=True)
     return False
-
-
-def tensor_view(embeddings: np.ndarray) -> torch.Tensor:
-    """A float32 torch tensor sharing memory with `embeddings` (a read-only memmap included: callers only read it)."""
-    import torch
-
-    array = np.asarray(embeddings, dtype=np.float32)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(array)
-
-
-def release_pages(array: np.ndarray, start: int, stop: int) -> None:
-    """Drop rows `[start, stop)` of a read-only or shared memory map from this process's resident memory.
-
-    The data stays in the file (and usually the page cache); touching the rows again maps them back in. A no-op
-    for arrays that are not file-backed maps, or are copy-on-write maps whose private changes would be lost.
-    """
-    import mmap
-
-    base = array
-    while not isinstance(base, np.memmap) and isinstance(getattr(base, "base", None), np.ndarray):
-        base = base.base
-    handle = getattr(base, "_mmap", None)
-    if handle is None or getattr(base, "mode", "c") not in ("r", "r+", "w+") or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    if not array.flags.c_contiguous or array.ndim < 1 or stop <= start:
-        return
-    try:
-        view = np.frombuffer(handle, dtype=np.uint8)
-        offset = array.__array_interface__["data"][0] - view.__array_interface__["data"][0]
-    except (TypeError, ValueError):
-        return
-    row = array.strides[0]
-    page = mmap.PAGESIZE
-    begin = max(0, (offset + start * row) // page * page)
-    end = min(len(handle), offset + stop * row)
-    if end > begin:
-        try:
-            handle.madvise(mmap.MADV_DONTNEED, begin, end - begin)
-        except (OSError, ValueError):
-            pass
 
 
 def encode_corpus(encoder: Encoder, corpus: Corpus, cache_dir: str | Path | None = None, progress: bool = True) -> np.ndarray:

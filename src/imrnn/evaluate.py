@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -11,8 +10,9 @@ import numpy as np
 import pytrec_eval
 from scipy import stats
 
-from .data import Qrels, _clip, _lines, read_qrels
+from .data import Qrels, clip, numbered_lines, read_qrels
 from .errors import DataError
+from .files import atomic_write_text
 
 Run = dict[str, dict[str, float]]
 DEFAULT_MEASURES = ("nDCG@10", "R@10", "R@100", "RR@10", "AP", "P@10")
@@ -103,7 +103,7 @@ def read_run(path: str | Path) -> Run:
     if not path.is_file():
         raise DataError(f"Missing run file {path}. Pass a TREC run written by `imrnn search` or any TREC tool.")
     run: Run = {}
-    for number, line in _lines(path):
+    for number, line in numbered_lines(path):
         fields = line.split()
         if not fields:
             continue
@@ -115,13 +115,13 @@ def read_run(path: str | Path) -> Run:
         try:
             value = float(score)
         except ValueError:
-            raise DataError(f"{path}:{number}: score {_clip(score)} is not a number. The fifth column must be the score.") from None
+            raise DataError(f"{path}:{number}: score {clip(score)} is not a number. The fifth column must be the score.") from None
         if not np.isfinite(value):
-            raise DataError(f"{path}:{number}: score {_clip(score)} is not finite. Scores must be real numbers.")
+            raise DataError(f"{path}:{number}: score {clip(score)} is not finite. Scores must be real numbers.")
         docs = run.setdefault(qid, {})
         if doc in docs:
             raise DataError(
-                f"{path}:{number}: document {_clip(doc)} appears twice for query {_clip(qid)}. A run lists each document once per query."
+                f"{path}:{number}: document {clip(doc)} appears twice for query {clip(qid)}. A run lists each document once per query."
             )
         docs[doc] = value
     if not run:
@@ -133,14 +133,9 @@ def write_run(path: str | Path, run: Run, tag: str = "imrnn") -> None:
     """Write a TREC run atomically, each query's documents in trec_eval order (score desc, docid desc)."""
     if not re.fullmatch(r"\S+", tag):
         raise DataError(f"Run tag {tag!r} must be one word without spaces.")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as out:
-        for qid in sorted(run):
-            for rank, doc in enumerate(_trec_order(run[qid]), start=1):
-                out.write(f"{qid} Q0 {doc} {rank} {run[qid][doc]:.8f} {tag}\n")
-    os.replace(tmp, path)
+    lines = (f"{qid} Q0 {doc} {rank} {run[qid][doc]:.8f} {tag}\n"
+             for qid in sorted(run) for rank, doc in enumerate(_trec_order(run[qid]), start=1))
+    atomic_write_text(path, "".join(lines))
 
 
 def hits_to_run(query_ids: Sequence[str], doc_ids: np.ndarray, indices: np.ndarray, scores: np.ndarray) -> Run:

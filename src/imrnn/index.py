@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .encode import release_pages, tensor_view
+from .files import atomic_write_with, release_pages, tensor_view
 from .errors import ConfigError, DataError
 
 BACKENDS = ("exact", "faiss-flat", "faiss-hnsw")
@@ -165,10 +165,7 @@ class FaissIndex:
         return self
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        self._faiss.write_index(self.index, str(tmp))
-        tmp.replace(path)
+        atomic_write_with(path, lambda name: self._faiss.write_index(self.index, name))
 
     def load(self, path: str | Path) -> "FaissIndex":
         self.index = self._faiss.read_index(str(path))

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import IMRNNConfig
-from .encode import tensor_view
 from .errors import ConfigError
+from .files import tensor_view
+from .scoring import blend, frozen_cosine, nearest_similarity, novelty_gate
 
 
 class _AffineHead(nn.Module):
@@ -132,8 +133,7 @@ class IMRNN(nn.Module):
                 candidates = candidates.masked_fill(~mask[..., None], 0.0)
         _require_finite(queries, "query")
         _require_finite(candidates, "candidate")
-        base = torch.linalg.vecdot(F.normalize(candidates, dim=-1), F.normalize(queries, dim=-1)[:, None, :])
-        scored = self._score(queries, self.project(candidates), base, mask)
+        scored = self._score(queries, self.project(candidates), frozen_cosine(queries, candidates), mask)
         if bool(torch.isnan(scored.scores.masked_fill(~mask, 0.0)).any()):
             raise ConfigError(
                 "The adapter produced NaN scores from finite inputs: embeddings of extreme magnitude overflow float32. "
@@ -150,7 +150,7 @@ class IMRNN(nn.Module):
             if self.config.use_doc_adapter:
                 current = self._refine_query(query, current, modulated, mask)
         gate = self.gate(queries)
-        scores = gate[:, None] * torch.linalg.vecdot(modulated, current[:, None, :]) + (1.0 - gate[:, None]) * base
+        scores = blend(gate, torch.linalg.vecdot(modulated, current[:, None, :]), base)
         blocked = float("-inf")
         return Scored(scores.masked_fill(~mask, blocked), query, current, docs, modulated, gate, base.masked_fill(~mask, blocked))
 
@@ -158,8 +158,7 @@ class IMRNN(nn.Module):
         """Per-query weight of the adapted score: 1 without memory, else a sigmoid of the nearest training query's cosine."""
         if not self.config.memory_size:
             return torch.ones(queries.shape[0], dtype=queries.dtype, device=queries.device)
-        nearest = (F.normalize(queries, dim=-1) @ self.memory.T).amax(dim=1)
-        return torch.sigmoid((nearest - self.config.gate_threshold) / self.config.gate_width)
+        return novelty_gate(nearest_similarity(queries, self.memory), self.config.gate_threshold, self.config.gate_width)
 
     def with_gate(self, memory: torch.Tensor, threshold: float, width: float | None = None) -> "IMRNN":
         """A copy with a novelty gate over `memory` (training query embeddings `[N, E]`)."""
@@ -217,7 +216,7 @@ class IMRNN(nn.Module):
             keep, cands = mask[part], candidates[part]
             if not bool(keep.all()):  # whatever padding holds (even NaN) must not reach the feedback mean
                 cands = cands.masked_fill(~keep[..., None], 0.0)
-            cosine = torch.linalg.vecdot(F.normalize(cands, dim=-1), F.normalize(queries[part], dim=-1)[:, None, :])
+            cosine = frozen_cosine(queries[part], cands)
             scored = self._score(queries[part], self.project(cands), cosine, keep)
             if not bool(torch.isfinite(cosine.masked_fill(~keep, 0.0)).all()) or bool(torch.isnan(scored.scores).any()):
                 return self._checked(queries, candidates, mask)
@@ -298,9 +297,8 @@ class IMRNN(nn.Module):
         query_direction = F.normalize(queries, dim=-1)
         base = torch.cat([gathered(part, corpus.embeddings).mul_(query_direction[part, None, :]).sum(-1)
                           for part in parts]).div_(corpus.norms[rows])
-        gate = self.gate(queries)[:, None]
         blocked = float("-inf")
-        return (gate * scores + (1.0 - gate) * base).masked_fill_(~mask, blocked), base.masked_fill_(~mask, blocked)
+        return blend(self.gate(queries), scores, base).masked_fill_(~mask, blocked), base.masked_fill_(~mask, blocked)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

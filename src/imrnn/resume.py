@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
+from .files import publish_folder, remove_folder, temporary_folder_beside
 
 STATE_FORMAT = 1
 _EPOCH_DIR = re.compile(r"^epoch-(\d{5,})$")
@@ -120,45 +119,28 @@ def save_state(directory: str | Path, state: TrainState, key: str) -> Path:
                       "gauss": float(numpy_state["gauss"])},
         "rng_python": [python_state[0], list(python_state[1]), python_state[2]],
     }
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory))
+    target = directory / f"epoch-{state.epoch:05d}"
+    tmp = temporary_folder_beside(target, prefix=".tmp-")
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(payload, indent=1))
-        for name in ("state.safetensors", "state.json"):
-            with open(tmp / name, "rb") as handle:
-                os.fsync(handle.fileno())
-        target = directory / f"epoch-{state.epoch:05d}"
-        if target.exists():
-            _discard(target)
-        os.replace(tmp, target)
+        publish_folder(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for other in directory.iterdir():
-        if other != target and (other.name.startswith(".tmp-") or _EPOCH_DIR.match(other.name)):
-            _discard(other)
+        if other != target and _leftover(other):
+            remove_folder(other)
     return target
 
 
-def _discard(folder: Path) -> None:
-    """Delete a folder without ever leaving a half-deleted one under its name: rename it aside, then delete."""
-    trash = folder if folder.name.startswith(".tmp-") else folder.with_name(f".tmp-old-{folder.name}-{os.getpid()}")
-    if trash != folder:
-        shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.replace(folder, trash)
-        except OSError:
-            return
-    shutil.rmtree(trash, ignore_errors=True)
+def _leftover(path: Path) -> bool:
+    """A saved epoch or the remains of an interrupted save (temporary or set-aside folders)."""
+    return path.name.startswith(".tmp-") or ".trash" in path.name or bool(_EPOCH_DIR.match(path.name))
 
 
 def discard_state(directory: str | Path) -> None:
-    """Remove a whole state folder (after its checkpoint was written) by renaming it aside first."""
-    directory = Path(directory)
-    if directory.is_dir():
-        trash = directory.with_name(f".{directory.name}.trash{os.getpid()}")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(directory, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+    """Remove a whole state folder (after its checkpoint was written)."""
+    remove_folder(directory)
 
 
 def clear_state(directory: str | Path) -> None:
@@ -166,8 +148,8 @@ def clear_state(directory: str | Path) -> None:
     directory = Path(directory)
     if directory.is_dir():
         for other in directory.iterdir():
-            if other.name.startswith(".tmp-") or _EPOCH_DIR.match(other.name):
-                _discard(other)
+            if _leftover(other):
+                remove_folder(other)
 
 
 def has_state(directory: str | Path) -> bool:

@@ -9,15 +9,15 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import Corpus
-from .encode import Encoder, encode_cached, tensor_view
+from .encode import Encoder, encode_cached
 from .errors import ConfigError
 from .index import BACKENDS, FaissIndex, exact_search
+from .files import tensor_view
 from .model import IMRNN, CorpusCache
-from .train import repeated_rows
+from .scoring import frozen_cosine, repeated_rows
 
 
 @dataclass(frozen=True)
@@ -227,7 +227,7 @@ class IMRNNRetriever:
         doc_embs = self.encoder.encode(list(documents), self.encoder.config.passage_prefix)
         self._check_dim(doc_embs.shape[1])
         scores = self.rerank_embeddings(query_emb, doc_embs[None])[0]
-        base = doc_embs @ query_emb[0]
+        base = frozen_cosine(tensor_view(query_emb), tensor_view(doc_embs)[None])[0].numpy()
         order = np.argsort(-scores, kind="stable")
         return Ranking([keys[i] for i in order], scores[order], base[order])
 

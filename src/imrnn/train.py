@@ -15,22 +15,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import IMRNNConfig, TrainConfig
-from .data import Qrels
-from .errors import ConfigError
+from .candidates import RankingSet
 from .evaluate import evaluate_run, hits_to_run, per_query
 from .model import IMRNN
+from .scoring import blend, frozen_scores, nearest_similarity, novelty_gate, score_candidates
 from .resume import TrainState, capture_rng, clear_state, load_state, restore_rng, save_state, training_key
-
-@dataclass
-class RankingSet:
-    """A query set as arrays: query embeddings, candidate corpus rows `(Q, K)` and their grades."""
-
-    query_ids: list[str]
-    query_embs: np.ndarray
-    candidates: np.ndarray
-    grades: np.ndarray
-    qrels: Qrels
-
 
 @dataclass
 class TrainResult:
@@ -46,56 +35,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def score_candidates(
-    model: IMRNN, query_embs: np.ndarray, doc_embs: np.ndarray | torch.Tensor, candidates: np.ndarray, batch_size: int = 512
-) -> np.ndarray:
-    """Adapted scores `(Q, K)` for candidate rows `(Q, K)` (-1 = padding -> -inf), in batches, no grad.
-
-    A row repeated within one query's list is scored once: later copies count as padding (-inf), so a document
-    neither appears twice in a ranking nor weighs twice in the feedback. A query without candidates gets all -inf.
-    Candidate embeddings are gathered per batch, so a memory-mapped corpus is never copied whole."""
-    candidates = np.asarray(candidates)
-    if candidates.ndim != 2:
-        raise ConfigError(f"candidates must be a (Q, K) array of corpus rows, got shape {candidates.shape}.")
-    if candidates.size and int(candidates.max()) >= len(doc_embs):
-        raise ConfigError(f"candidate row {int(candidates.max())} is out of range for a corpus of {len(doc_embs)} documents.")
-    candidates = np.where(repeated_rows(candidates), -1, candidates)
-    model.eval()
-    device = next(model.parameters()).device
-    out = np.empty(candidates.shape, dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(candidates), batch_size):
-            rows = torch.as_tensor(candidates[start : start + batch_size])
-            mask = rows >= 0
-            if isinstance(doc_embs, torch.Tensor):
-                cands = doc_embs[rows.clamp(min=0)].to(device)
-            else:
-                cands = torch.from_numpy(np.asarray(doc_embs[np.maximum(rows.numpy(), 0)], dtype=np.float32)).to(device)
-            queries = torch.from_numpy(np.array(query_embs[start : start + batch_size], dtype=np.float32)).to(device)
-            out[start : start + len(rows)] = model(queries, cands, mask.to(device)).scores.float().cpu().numpy()
-    return out
-
-
-def repeated_rows(rows: np.ndarray) -> np.ndarray:
-    """True where a row already appeared earlier in the same list (first occurrences and padding stay False)."""
-    ordered = np.sort(rows, axis=1)
-    if not ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any():  # the usual case, and a fast check
-        return np.zeros(rows.shape, dtype=bool)
-    order = np.argsort(rows, axis=1, kind="stable")
-    ordered = np.take_along_axis(rows, order, 1)
-    repeat = np.zeros(rows.shape, dtype=bool)
-    repeat[:, 1:] = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
-    out = np.zeros_like(repeat)
-    np.put_along_axis(out, order, repeat, 1)
-    return out
-
-
-def rerank(candidates: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Re-order each row of candidates by score (descending; ties keep the first-stage order)."""
-    order = np.argsort(-scores, axis=1, kind="stable")
-    return np.take_along_axis(candidates, order, 1), np.take_along_axis(scores, order, 1)
 
 
 def validation_ndcg(model: IMRNN, data: RankingSet, doc_embs: torch.Tensor, doc_ids: np.ndarray) -> float:
@@ -123,7 +62,7 @@ def _loss(config: TrainConfig, scores: torch.Tensor, grades: torch.Tensor) -> to
     return (torch.nan_to_num(hinge) * weight).sum() / weight.sum().clamp(min=1.0)
 
 
-def train(
+def train_adapter(
     model_config: IMRNNConfig,
     config: TrainConfig,
     doc_embs: np.ndarray,
@@ -218,22 +157,19 @@ def calibrate_gate(model: IMRNN, memory: np.ndarray, validation: RankingSet, doc
     standard error (paired, per query) of the best is kept: a small validation set cannot tell them apart,
     and the conservative choice protects queries unlike any training query.
     """
-    adapted = score_candidates(model, validation.query_embs, doc_embs, validation.candidates)
-    valid = validation.candidates >= 0
-    docs = np.asarray(doc_embs)[np.maximum(validation.candidates, 0)]
-    base = np.einsum("qd,qkd->qk", np.asarray(validation.query_embs, np.float32), docs)
-    unit_memory = memory / np.maximum(np.linalg.norm(memory, axis=1, keepdims=True), 1e-12)
-    nearest = (np.asarray(validation.query_embs, np.float32) @ unit_memory.T).max(1)
+    adapted = torch.from_numpy(score_candidates(model, validation.query_embs, doc_embs, validation.candidates))
+    base = torch.from_numpy(frozen_scores(validation.query_embs, np.asarray(doc_embs), validation.candidates))
+    queries = torch.from_numpy(np.array(validation.query_embs, dtype=np.float32))
+    nearest = nearest_similarity(queries, F.normalize(torch.from_numpy(np.array(memory, np.float32)), dim=-1))
 
-    def ndcg(scores: np.ndarray) -> np.ndarray:
-        run = hits_to_run(validation.query_ids, doc_ids, validation.candidates, np.where(valid, scores, -np.inf))
+    def ndcg(scores: torch.Tensor) -> np.ndarray:
+        run = hits_to_run(validation.query_ids, doc_ids, validation.candidates, scores.numpy())
         return per_query(run, validation.qrels, ["nDCG@10"])["nDCG@10"]
 
     width = model.config.gate_width
     per_option: dict[str, np.ndarray] = {"none": ndcg(adapted)}
     for threshold in thresholds:
-        g = 1.0 / (1.0 + np.exp(-(nearest - threshold) / width))
-        per_option[str(threshold)] = ndcg(g[:, None] * adapted + (1 - g[:, None]) * base)
+        per_option[str(threshold)] = ndcg(blend(novelty_gate(nearest, threshold, width), adapted, base))
     best = max(per_option, key=lambda name: per_option[name].mean())
     chosen = best
     for name, values in per_option.items():  # ordered from least to most conservative
@@ -245,24 +181,3 @@ def calibrate_gate(model: IMRNN, memory: np.ndarray, validation: RankingSet, doc
     if chosen == "none":
         return model, report
     return model.with_gate(torch.from_numpy(np.array(memory, np.float32)), float(chosen)), report
-
-
-def ranking_set(
-    query_ids: Sequence[str], query_embs: np.ndarray, base_candidates: np.ndarray, qrels: Qrels, doc_ids: np.ndarray,
-    max_added_positives: int = 0, extra_negatives: np.ndarray | None = None,
-) -> RankingSet:
-    """Arrays for a query set: base candidates (plus missing positives for training, and extra negatives)."""
-    from .negatives import relevance_matrix, training_candidates
-
-    relevance = relevance_matrix(query_ids, qrels, doc_ids)
-    candidates, grades = training_candidates(base_candidates, relevance, max_added_positives)
-    if extra_negatives is not None and extra_negatives.shape[1] > 0:
-        candidates, grades = _append_negatives(candidates, grades, extra_negatives)
-    return RankingSet(list(query_ids), query_embs, candidates, grades, {q: qrels[q] for q in query_ids})
-
-
-def _append_negatives(candidates: np.ndarray, grades: np.ndarray, negatives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Append extra negatives as new columns, masking (-1) those already among the candidates."""
-    present = (negatives[:, :, None] == candidates[:, None, :]).any(2)
-    negatives = np.where(present, -1, negatives)
-    return np.concatenate([candidates, negatives], 1), np.concatenate([grades, np.zeros(negatives.shape, np.float32)], 1)

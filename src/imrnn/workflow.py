@@ -1,0 +1,267 @@
+"""The library's workflow from a dataset to an evaluated checkpoint: the one path `imrnn run` takes.
+
+    workspace = Workspace.open("scifact")                       # dataset, frozen encoder, cached embeddings, K
+    plan = SplitPlan.official(workspace.dataset, seed=42)       # train / validation / test and the "seen" qrels
+    trained = train(workspace, plan, TrainConfig(seed=42))      # adapters: early stopping, novelty gate
+    report = evaluate(trained.model, workspace, plan)           # base vs adapted on the same candidates
+    save_checkpoint(checkpoint(trained, workspace, plan, report), "checkpoints/scifact")
+
+`run_pipeline` does exactly these steps (plus resumable training state); `imrnn evaluate --checkpoint` is
+`evaluate` under `SplitPlan.holdout`; `benchmarks/method.py` calls the same functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import __version__
+from .candidates import RankingSet, ranking_set
+from .checkpoint import Checkpoint, save_checkpoint
+from .config import IMRNNConfig, TrainConfig
+from .data import Dataset, Qrels, QuerySet, carve_validation, default_cache_dir, kfold, load_dataset
+from .encode import Encoder, EncoderConfig, encode_corpus, encode_queries
+from .errors import ConfigError
+from .evaluate import Run, hits_to_run, paired_test, per_query
+from .index import Hits, search
+from .model import IMRNN
+from .resume import discard_state, has_state
+from .scoring import frozen_scores, score_candidates, sort_by_score
+from .train import TrainResult, train_adapter
+
+REPORT_MEASURES = ("nDCG@10", "R@10", "RR@10", "R@100")
+_UNTESTED = ("R@100",)  # the first-stage ceiling: identical for base and adapted by construction
+
+
+@dataclass
+class Workspace:
+    """A dataset with its frozen encoder, cached corpus embeddings and first-stage depth K: everything needed to
+    turn any query set into candidate arrays."""
+
+    dataset: Dataset
+    encoder: Encoder
+    doc_embs: np.ndarray
+    cache_dir: Path | None = None
+    k: int = 100
+    backend: str = "exact"
+
+    @classmethod
+    def open(cls, dataset: str | Path | Dataset, encoder: Encoder | EncoderConfig | None = None, k: int = 100,
+             backend: str = "exact", data_dir: str | Path | None = None, cache_dir: str | Path | None = None,
+             download: bool = True, drop_unknown: bool = False, device: str = "cpu", batch_size: int = 64,
+             progress: bool = True) -> "Workspace":
+        """Load (or download) the dataset and embed its corpus, reusing the embedding cache."""
+        if k < 1:
+            raise ConfigError(f"k (first-stage candidates) must be at least 1, got {k}.")
+        if not isinstance(dataset, Dataset):
+            dataset = load_dataset(dataset, data_dir, cache_dir, download, drop_unknown)
+        if not isinstance(encoder, Encoder):
+            encoder = Encoder(encoder, device, batch_size)
+        docs = encode_corpus(encoder, dataset.corpus, cache_dir, progress=progress)
+        return cls(dataset, encoder, docs, Path(cache_dir) if cache_dir else None, k, backend)
+
+    @property
+    def dimension(self) -> int:
+        return int(self.doc_embs.shape[1])
+
+    def search(self, query_embs: np.ndarray) -> Hits:
+        """The frozen retriever's top-K corpus rows for query embeddings `(Q, d)`."""
+        return search(query_embs, self.doc_embs, self.k, self.backend)
+
+    def ranking(self, queries: QuerySet, max_added_positives: int = 0) -> RankingSet:
+        """Query embeddings (cached) and the frozen retriever's top-K for every query of the set."""
+        embs = np.asarray(encode_queries(self.encoder, queries, self.cache_dir))
+        hits = self.search(embs)
+        return ranking_set(queries.ids, embs, hits.indices, queries.qrels, self.dataset.corpus.ids, max_added_positives)
+
+    def frozen_scores(self, data: RankingSet) -> np.ndarray:
+        """The frozen retriever's cosine for each candidate of a ranking set (-inf at padding)."""
+        return frozen_scores(data.query_embs, self.doc_embs, data.candidates)
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Which queries train, select (validation) and test a model, and the judgements it has seen.
+
+    `seen` holds the qrels of the queries a model was trained or selected on; a test query none of whose relevant
+    documents is relevant in `seen` is "unseen-relevant": there an adapter cannot lean on a learned prior over
+    documents. This class is the only place that defines both."""
+
+    train: QuerySet | None
+    validation: QuerySet | None
+    test: QuerySet | None
+    seen: Qrels = field(repr=False)
+
+    @classmethod
+    def official(cls, dataset: Dataset, train_split: str = "train", validation: str = "auto",
+                 test_split: str | None = "test", fraction: float = 0.15, seed: int = 42) -> "SplitPlan":
+        """The dataset's own splits. `validation`: an official split name, 'carve' (a seeded `fraction` of the
+        training queries), 'disjoint' (carved groups that share no relevant document) or 'auto' (dev if present,
+        else carve). A missing `test_split` leaves `test` empty (training only)."""
+        train_queries = dataset.split(train_split)
+        if validation == "auto":
+            validation = "dev" if "dev" in dataset.splits and train_split != "dev" else "carve"
+        if validation in ("carve", "disjoint"):
+            train_queries, validation_queries = carve_validation(train_queries, fraction, seed, disjoint=validation == "disjoint")
+        else:
+            validation_queries = dataset.split(validation)
+        test = dataset.split(test_split) if test_split is not None and test_split in dataset.splits else None
+        return cls(train_queries, validation_queries, test, {**train_queries.qrels, **validation_queries.qrels})
+
+    @classmethod
+    def kfold(cls, queries: QuerySet, folds: int = 5, fraction: float = 0.15, seed: int = 42) -> list["SplitPlan"]:
+        """K plans over one query set: each fold tests once; validation is carved from the other folds."""
+        plans = []
+        for train_queries, test in kfold(queries, folds, seed=seed):
+            fit, validation = carve_validation(train_queries, fraction, seed)
+            plans.append(cls(fit, validation, test, {**fit.qrels, **validation.qrels}))
+        return plans
+
+    @classmethod
+    def holdout(cls, dataset: Dataset, split: str) -> "SplitPlan":
+        """Evaluate a trained model on one split; every other split counts as seen."""
+        seen = {q: docs for name, qrels in dataset.qrels.items() if name != split for q, docs in qrels.items()}
+        return cls(None, None, dataset.split(split), seen)
+
+    def unseen_relevant(self, queries: QuerySet) -> list[str]:
+        """Queries none of whose relevant documents is relevant to any seen query."""
+        seen_docs = {d for docs in self.seen.values() for d, r in docs.items() if r > 0}
+        return [q for q in queries.ids if not any(r > 0 and d in seen_docs for d, r in queries.qrels[q].items())]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Base vs adapted over one set of queries: means, paired tests and per-query wins and losses."""
+
+    queries: int
+    base: dict[str, float]
+    adapted: dict[str, float]
+    p_value: dict[str, float]
+    randomization_p: dict[str, float]
+    improved: int
+    worsened: int
+
+    @classmethod
+    def of_runs(cls, base_run: Run, adapted_run: Run, qrels: Qrels, measures: tuple[str, ...] = REPORT_MEASURES) -> "Comparison":
+        """Side-by-side means, paired t-test and randomisation p-values, improved/worsened counts on nDCG@10."""
+        base, adapted = per_query(base_run, qrels, measures), per_query(adapted_run, qrels, measures)
+        tests = {m: paired_test(base[m], adapted[m]) for m in measures if m not in _UNTESTED}
+        delta = adapted["nDCG@10"] - base["nDCG@10"]
+        return cls(len(delta), {m: float(v.mean()) for m, v in base.items()}, {m: float(v.mean()) for m, v in adapted.items()},
+                   {m: t["t_test"] for m, t in tests.items()}, {m: t["randomization"] for m, t in tests.items()},
+                   int((delta > 1e-9).sum()), int((delta < -1e-9).sum()))
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """What `imrnn run` and `imrnn evaluate --checkpoint` print: base vs adapted on the same candidates, and the
+    same comparison on the unseen-relevant queries (None when none or when nothing was seen)."""
+
+    overall: Comparison
+    k: int
+    split: str | None
+    unseen_relevant_queries: int
+    unseen_relevant: Comparison | None
+    adapted_run: Run = field(repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `--json` output (its keys are pinned by a golden test: users parse them)."""
+        unseen: dict[str, Any] = {"queries": self.unseen_relevant_queries, "base": None, "adapted": None}
+        if self.unseen_relevant is not None:
+            unseen.update(base=self.unseen_relevant.base, adapted=self.unseen_relevant.adapted, p_value=self.unseen_relevant.p_value)
+        out: dict[str, Any] = {**dataclasses.asdict(self.overall), "k": self.k, "unseen_relevant": unseen}
+        if self.split is not None:
+            out["split"] = self.split
+        return out
+
+
+def train(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig = TrainConfig(),
+          model_config: IMRNNConfig | None = None, device: str = "cpu", progress: bool = True,
+          state_dir: Path | None = None, resume: bool = False) -> TrainResult:
+    """Train adapters on `plan.train`, early-stopping on `plan.validation` (resumable with `state_dir`).
+
+    `model_config` defaults to the default architecture; its embedding dimension is always the workspace's."""
+    if plan.train is None or plan.validation is None:
+        raise ConfigError("This split plan has no training or validation queries; build one with SplitPlan.official or .kfold.")
+    model_config = dataclasses.replace(model_config or IMRNNConfig(), embedding_dim=workspace.dimension)
+    train_set = workspace.ranking(plan.train, train_config.max_added_positives)
+    if train_config.bm25_negatives:
+        from .negatives import bm25_negatives, relevance_matrix
+
+        corpus = workspace.dataset.corpus
+        relevance = relevance_matrix(plan.train.ids, plan.train.qrels, corpus.ids)
+        extra = bm25_negatives(corpus.passages(), plan.train.texts, relevance, train_config.bm25_negatives)
+        train_set = ranking_set(plan.train.ids, train_set.query_embs, train_set.candidates, plan.train.qrels, corpus.ids, 0, extra)
+    return train_adapter(model_config, train_config, workspace.doc_embs, workspace.dataset.corpus.ids, train_set,
+                         workspace.ranking(plan.validation), device=device, progress=progress, state_dir=state_dir, resume=resume)
+
+
+def evaluate(model: IMRNN, workspace: Workspace, plan: SplitPlan) -> EvaluationReport:
+    """Base vs adapted on `plan.test`'s first-stage candidates, with the unseen-relevant subset."""
+    if plan.test is None:
+        raise ConfigError("This split plan has no test queries to evaluate on.")
+    test = plan.test
+    data = workspace.ranking(test)
+    doc_ids = workspace.dataset.corpus.ids
+    base_run = hits_to_run(test.ids, doc_ids, data.candidates, workspace.frozen_scores(data))
+    order, scores = sort_by_score(data.candidates, score_candidates(model, data.query_embs, workspace.doc_embs, data.candidates))
+    adapted_run = hits_to_run(test.ids, doc_ids, order, scores)
+    unseen_ids = plan.unseen_relevant(test)
+    unseen = None
+    if unseen_ids:
+        unseen = Comparison.of_runs(base_run, adapted_run, {q: test.qrels[q] for q in unseen_ids})
+    return EvaluationReport(Comparison.of_runs(base_run, adapted_run, test.qrels), workspace.k, test.name, len(unseen_ids),
+                            unseen, adapted_run)
+
+
+def checkpoint(trained: TrainResult, workspace: Workspace, plan: SplitPlan, train_config: TrainConfig,
+               report: EvaluationReport | None = None) -> Checkpoint:
+    """A trained adapter with the metadata a checkpoint records (data fingerprint, seed, gate, metrics)."""
+    metadata = {
+        "library_version": __version__,
+        "encoder_identity": workspace.encoder.identity,
+        "data": {
+            "dataset": workspace.dataset.name,
+            "corpus_fingerprint": workspace.dataset.corpus.fingerprint(),
+            "train_queries": len(plan.train) if plan.train is not None else 0,
+            "validation_queries": len(plan.validation) if plan.validation is not None else 0,
+            "candidates": workspace.k,
+        },
+        "seed": train_config.seed,
+        "novelty_gate": trained.gate,
+        "training": {"best_epoch": trained.best_epoch, "seconds": round(trained.seconds, 2), "history": trained.history,
+                     "parameters": trained.model.num_parameters()},
+        "metrics": {"validation": {"nDCG@10": trained.best_validation}, "test": report.to_dict() if report else None},
+    }
+    return Checkpoint(trained.model, workspace.encoder.config, train_config, metadata)
+
+
+def default_checkpoint_dir(workspace: Workspace, seed: int) -> Path:
+    """Where a checkpoint goes when no output folder is given: `<cache>/checkpoints/<dataset>-seed<seed>`."""
+    return Path(workspace.cache_dir or default_cache_dir()) / "checkpoints" / f"{workspace.dataset.name}-seed{seed}"
+
+
+def run_pipeline(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig = TrainConfig(),
+                 model_config: IMRNNConfig | None = None, output: Path | None = None, device: str = "cpu",
+                 resume: bool = False, progress: bool = True, log: Callable[[str], None] = lambda _: None,
+                 ) -> tuple[EvaluationReport | None, Path]:
+    """Train, evaluate on `plan.test` (when it has one) and save the checkpoint; returns (report, checkpoint folder).
+
+    The training state is saved after every epoch in `<output>.state/` (removed once the checkpoint is written),
+    so a killed run continues with `resume=True` and ends with the same weights as an uninterrupted one."""
+    target = Path(output) if output is not None else default_checkpoint_dir(workspace, train_config.seed)
+    state_dir = target.with_name(target.name + ".state")
+    if not resume and has_state(state_dir):
+        log(f"found the state of an interrupted training in {state_dir}; starting over (pass --resume to continue it)")
+    trained = train(workspace, plan, train_config, model_config, device, progress, state_dir, resume)
+    gate = (trained.gate or {}).get("threshold")
+    log(f"trained in {trained.seconds:.1f}s; best epoch {trained.best_epoch}, validation nDCG@10 {trained.best_validation:.4f}; "
+        f"novelty gate threshold {gate if gate is not None else 'none'}")
+    report = evaluate(trained.model, workspace, plan) if plan.test is not None else None
+    save_checkpoint(checkpoint(trained, workspace, plan, train_config, report), target)
+    discard_state(state_dir)
+    return report, target
