@@ -125,7 +125,7 @@ def encoder():
     """The bundled all-MiniLM-L6-v2, fp32 on CPU, loaded once per session."""
     from imrnn.encode import Encoder, EncoderConfig
 
-    enc = Encoder(EncoderConfig(), device="cpu", batch_size=16)
+    enc = Encoder(EncoderConfig(precision="fp32"), device="cpu", batch_size=16)
     enc.model  # load now, so per-test timings do not include it
     return enc
 

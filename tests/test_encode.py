@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from imrnn.encode import Encoder, EncoderConfig, encode_cached, encode_corpus, encode_queries
+from imrnn.encode import Encoder, EncoderConfig, cache_manifest, encode_cached, encode_corpus, encode_queries, resolve_precision
 from imrnn.errors import ConfigError
 
 TEXTS = [
@@ -216,3 +216,26 @@ def test_encode_corpus_and_queries_align_rows_with_ids(encoder, tiny_beir, tmp_p
     np.testing.assert_allclose(docs[5], encoder.encode([data.corpus.passages()[5]])[0], atol=2e-5)
     best = data.corpus.ids[np.argmax(q @ docs.T, axis=1)].tolist()
     assert best == ["d7", "d6", "d20", "d19"]  # each test query finds its relevant document first
+
+
+def test_auto_precision_is_bf16_exactly_where_the_cpu_computes_bf16_natively(monkeypatch):
+    import imrnn.encode as encode_module
+
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    native = bool({"amx_bf16", "avx512_bf16"} & encode_module.cpu_flags())
+    assert Encoder(EncoderConfig()).precision == ("bf16" if native else "fp32")  # this machine, as /proc/cpuinfo says
+    for flags, expected in ((frozenset({"avx2", "avx512f"}), "fp32"), (frozenset({"avx512_bf16"}), "bf16"),
+                            (frozenset({"amx_bf16", "amx_tile"}), "bf16"), (frozenset(), "fp32")):
+        monkeypatch.setattr(encode_module, "cpu_flags", lambda flags=flags: flags)
+        assert resolve_precision("auto", "cpu") == expected, flags
+    assert resolve_precision("auto", "mps") == "fp32"
+
+
+def test_auto_precision_keys_the_cache_by_what_it_resolved_to(encoder, tmp_path):
+    """`auto` and the precision it stands for share cache entries; fp32 and bf16 never do."""
+    resolved = Encoder(EncoderConfig(precision="auto"))
+    same = Encoder(EncoderConfig(precision=resolved.precision))
+    other = Encoder(EncoderConfig(precision="fp32" if resolved.precision == "bf16" else "bf16"))
+    manifest = lambda enc: cache_manifest(enc, IDS, TEXTS, "")  # noqa: E731
+    assert manifest(resolved) == manifest(same) != manifest(other)
+    assert resolved.precision in resolved.describe()

@@ -10,7 +10,7 @@ from typing import Any
 from .errors import ConfigError
 
 LOSSES = ("listwise", "margin")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -161,7 +161,8 @@ class EncoderConfig:
                          short="-m")
     query_prefix: str = setting("", "Text put before every query (e.g. 'query: ' for E5 models).")
     passage_prefix: str = setting("", "Text put before every passage (e.g. 'passage: ' for E5 models).")
-    precision: str = setting("fp32", "Encoding precision: fp32, or bf16 (autocast; faster on CPUs with native bf16).")
+    precision: str = setting("auto", "Encoding precision: auto (bf16 where the CPU or GPU computes bf16 natively, "
+                                     "else fp32), fp32, or bf16 (autocast).")
     max_length: int | None = setting(None, "Truncate texts to this many tokens (default: the model's own limit).")
 
     def __post_init__(self) -> None:

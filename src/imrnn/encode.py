@@ -51,8 +51,40 @@ def _folder_digest(path: str, mtime_ns: int) -> str:
     return digest.hexdigest()[:16]
 
 
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # x86 CPU flags of hardware bf16 matrix/dot-product instructions
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (empty where /proc/cpuinfo does not exist)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """The precision `auto` stands for on `device`: bf16 autocast where bf16 is computed natively (CPUs with
+    AMX-BF16 or AVX512-BF16; CUDA GPUs that support bf16), fp32 everywhere else. On SciFact's corpus bf16 encodes
+    2.9-4x faster than fp32 with every embedding within cosine 0.9999 (benchmarks/encode_speed.py)."""
+    if precision != "auto":
+        return precision
+    if str(device).startswith("cuda"):
+        import torch
+
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if str(device) == "cpu" and set(NATIVE_BF16_FLAGS) & cpu_flags() else "fp32"
+
+
 class Encoder:
-    """A frozen bi-encoder producing L2-normalised float32 embeddings; the model loads lazily on first use."""
+    """A frozen bi-encoder producing L2-normalised float32 embeddings; the model loads lazily on first use.
+
+    `precision` is the resolved one (`auto` becomes bf16 or fp32 for this device); it keys the embedding cache,
+    so embeddings of different precisions never mix."""
 
     def __init__(self, config: EncoderConfig | None = None, device: str = "cpu", batch_size: int = 64) -> None:
         if batch_size < 1:
@@ -60,6 +92,7 @@ class Encoder:
         self.config = config or EncoderConfig()
         self.device = device
         self.batch_size = batch_size
+        self.precision = resolve_precision(self.config.precision, device)
         self.model_path = resolve_model_path(self.config.model)
         self._model: Any = None
 
@@ -97,7 +130,7 @@ class Encoder:
     def _autocast(self) -> contextlib.AbstractContextManager:
         import torch
 
-        if self.config.precision != "bf16":
+        if self.precision != "bf16":
             return contextlib.nullcontext()
         kind = "cuda" if str(self.device).startswith("cuda") else "cpu"
         return torch.autocast(kind, dtype=torch.bfloat16)
@@ -124,6 +157,18 @@ class Encoder:
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
         return self.encode(texts, self.config.query_prefix)
 
+    def describe(self) -> str:
+        """The encoding path in use, for users to see what `auto` chose (e.g. "... bf16 autocast on cpu (amx_bf16)")."""
+        import torch
+
+        if self.precision == "bf16":
+            native = sorted(set(NATIVE_BF16_FLAGS) & cpu_flags()) if self.device == "cpu" else [str(self.device)]
+            path = f"bf16 autocast on {self.device} ({', '.join(native) or 'not native: slow'})"
+        else:
+            path = f"fp32 on {self.device}"
+        threads = f", {torch.get_num_threads()} threads" if self.device == "cpu" else ""
+        return f"{self.config.model}: {path}, batch {self.batch_size}{threads}"
+
 
 # --------------------------------------------------------------------------- the cache
 
@@ -133,7 +178,7 @@ def cache_manifest(encoder: Encoder, ids: Sequence[str], texts: Sequence[str], p
     return {
         "format": CACHE_FORMAT,
         "model": encoder.identity,
-        "precision": encoder.config.precision,
+        "precision": encoder.precision,
         "max_length": encoder.config.max_length,
         "prefix": prefix,
         "dtype": "float32",

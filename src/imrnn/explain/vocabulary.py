@@ -85,7 +85,7 @@ def encoder_vocabulary(encoder: Encoder, cache_dir: str | Path | None = None, pr
     """
     tokens, _ = vocabulary_tokens(encoder.model.tokenizer)
     prefix = encoder.config.passage_prefix
-    key_src = {"format": VOCAB_FORMAT, "model": encoder.identity, "prefix": prefix, "precision": encoder.config.precision,
+    key_src = {"format": VOCAB_FORMAT, "model": encoder.identity, "prefix": prefix, "precision": encoder.precision,
                "tokens": hashlib.sha256("\n".join(tokens).encode()).hexdigest()}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:20]
     root = Path(cache_dir or default_cache_dir()) / "concepts"

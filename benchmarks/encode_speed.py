@@ -1,0 +1,191 @@
+"""Encoding paths side by side: speed on SciFact passages as ratios to fp32 in one run, and retrieval quality.
+
+Usage (from the repository root, after the README's install command):
+    python benchmarks/encode_speed.py                                   # torch paths: fp32, bf16 autocast, batch sizes
+    python benchmarks/encode_speed.py --onnx-python /tmp/onnxvenv/bin/python --quality
+        # + ONNX Runtime fp32 / dynamic int8 (optimum export; its environment: see benchmarks/_onnx_encode.py)
+        # + nDCG@10 of the frozen retriever and of the default adapter (seed 42) on SciFact and NFCorpus test, per path
+Speed is measured on an evenly spaced sample of SciFact's corpus (`--passages`, 0 = all 5,183), each path timed in
+alternating rounds in the same process (best round kept), so machine load affects every path alike; the ONNX paths
+run in their own process together with a torch fp32 reference, and their ratio is to that reference. Writes
+benchmarks/results/encode-speed.json and prints markdown for benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from imrnn.config import EncoderConfig, TrainConfig
+from imrnn.data import Dataset, load_dataset
+from imrnn.encode import NATIVE_BF16_FLAGS, Encoder, cpu_flags, resolve_precision
+from imrnn.workflow import SplitPlan, Workspace, evaluate, train
+
+HERE = Path(__file__).resolve().parent
+DATA_DIR = os.environ.get("IMRNN_DATA_DIR", str(HERE.parent.parent / "shared" / "datasets"))
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def sample(texts: Sequence[str], count: int) -> list[str]:
+    """`count` evenly spaced texts (all of them for 0): the corpus's length distribution, in a fixed order."""
+    if count <= 0 or count >= len(texts):
+        return list(texts)
+    return [texts[i] for i in np.linspace(0, len(texts) - 1, count).astype(int)]
+
+
+def torch_speed(texts: list[str], rounds: int) -> dict[str, float]:
+    """Passages per second of fp32 and bf16 autocast (batch 64), and of bf16 at other batch sizes."""
+    paths = {"fp32": ("fp32", 64), "bf16": ("bf16", 64), "bf16 batch 16": ("bf16", 16), "bf16 batch 32": ("bf16", 32),
+             "bf16 batch 128": ("bf16", 128)}
+    shared = Encoder(EncoderConfig(precision="fp32"))
+    encoders = {}
+    for name, (precision, batch) in paths.items():
+        encoders[name] = Encoder(EncoderConfig(precision=precision), batch_size=batch)
+        encoders[name]._model = shared.model  # one copy of the weights; autocast decides the arithmetic
+        encoders[name].encode(texts[:32])  # warm-up
+    best = {name: float("inf") for name in paths}
+    for _ in range(rounds):
+        for name, encoder in encoders.items():
+            start = time.perf_counter()
+            encoder.encode(texts)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: len(texts) / seconds for name, seconds in best.items()}
+
+
+def padding_efficiency(texts: list[str], batch_size: int = 64) -> dict[str, float]:
+    """Share of real tokens in the padded batches when passages are batched in character-length order (what
+    imrnn and sentence-transformers do) versus exact token-length order."""
+    tokenizer = Encoder().model.tokenizer
+    lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=True, max_length=256)["input_ids"]])
+
+    def efficiency(order: np.ndarray) -> float:
+        batches = [lengths[order[i : i + batch_size]] for i in range(0, len(order), batch_size)]
+        return float(sum(b.sum() for b in batches) / sum(b.max() * len(b) for b in batches))
+
+    by_chars = np.argsort([-len(t) for t in texts], kind="stable")
+    return {"char-length order": efficiency(by_chars), "token-length order": efficiency(np.argsort(-lengths, kind="stable")),
+            "input order": efficiency(np.arange(len(texts)))}
+
+
+class PrecomputedEncoder(Encoder):
+    """Serves embeddings computed elsewhere (the ONNX process) through imrnn's workflow, keyed by text."""
+
+    def __init__(self, name: str, texts: Sequence[str], embeddings: np.ndarray) -> None:
+        super().__init__(EncoderConfig(precision="fp32"))
+        self.name, self.rows = name, {t: i for i, t in enumerate(texts)}
+        self.embeddings = embeddings
+
+    @property
+    def identity(self) -> str:
+        return f"{self.config.model}@{self.name}"
+
+    @property
+    def dimension(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def encode(self, texts: Sequence[str], prefix: str = "", progress: bool = False) -> np.ndarray:
+        return self.embeddings[[self.rows[prefix + t] for t in texts]]
+
+
+def quality(dataset: Dataset, encoder: Encoder, cache_dir: str | None) -> dict[str, float]:
+    """nDCG@10 on the official test split: frozen retriever and the default adapter recipe (seed 42)."""
+    workspace = Workspace.open(dataset, encoder, 100, cache_dir=cache_dir, progress=False)
+    plan = SplitPlan.official(dataset, seed=42)
+    report = evaluate(train(workspace, plan, TrainConfig(seed=42), progress=False).model, workspace, plan)
+    return {"frozen": report.overall.base["nDCG@10"], "adapted": report.overall.adapted["nDCG@10"]}
+
+
+def onnx_paths(python: str, speed_texts: list[str], datasets: dict[str, Dataset], rounds: int, work: Path) -> dict:
+    """Run benchmarks/_onnx_encode.py in the ONNX environment: speed, and embeddings of every corpus and query."""
+    encode = {}
+    for name, data in datasets.items():
+        encode[f"{name}-corpus"] = data.corpus.passages()
+        encode[f"{name}-queries"] = [data.queries[q] for q in sorted(data.queries)]
+    spec = work / "spec.json"
+    spec.write_text(json.dumps({"speed": speed_texts, "encode": encode, "rounds": rounds, "batch_size": 64, "work": str(work)}))
+    out = subprocess.run([python, str(HERE / "_onnx_encode.py"), str(spec)], check=True, capture_output=True, text=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["texts"] = encode
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--passages", type=int, default=1024, help="SciFact passages timed per round (0 = the whole corpus)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--onnx-python", default=None, help="interpreter of the ONNX environment (see _onnx_encode.py)")
+    parser.add_argument("--quality", action="store_true", help="also nDCG@10 per path on SciFact and NFCorpus test")
+    args = parser.parse_args()
+    flags = sorted(set(NATIVE_BF16_FLAGS) & cpu_flags())
+    results: dict = {"date": date.today().isoformat(), "cpu": cpu_name(), "native_bf16": flags,
+                     "auto_resolves_to": resolve_precision("auto", "cpu"), "torch_threads": torch.get_num_threads(),
+                     "load_before": os.getloadavg()}
+    datasets = {name: load_dataset(name, DATA_DIR, None, download=False) for name in ("scifact", "nfcorpus")}
+    texts = sample(datasets["scifact"].corpus.passages(), args.passages)
+    results["passages"] = len(texts)
+    speed = torch_speed(texts, args.rounds)
+    results["padding"] = padding_efficiency(texts)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx = onnx_paths(args.onnx_python, texts, datasets, args.rounds, Path(tmp)) if args.onnx_python else None
+        ratios = {name: value / speed["fp32"] for name, value in speed.items()}
+        if onnx:
+            reference = onnx["passages_per_second"]["torch-fp32"]
+            for name in ("onnx-fp32", "onnx-int8"):
+                speed[name] = onnx["passages_per_second"][name]
+                ratios[name] = speed[name] / reference
+            results["onnx_process_torch_fp32"] = reference
+        results["speed"] = {name: {"passages_per_second": speed[name], "ratio_to_fp32": ratios[name]} for name in speed}
+        if args.quality:
+            results["quality"] = {}
+            for name in ("fp32", "bf16") + (("onnx-fp32", "onnx-int8") if onnx else ()):
+                for ds, data in datasets.items():
+                    if name.startswith("onnx"):
+                        texts_all = onnx["texts"][f"{ds}-corpus"] + onnx["texts"][f"{ds}-queries"]
+                        embs = np.concatenate([np.load(onnx["files"][f"{name}/{ds}-corpus"]),
+                                               np.load(onnx["files"][f"{name}/{ds}-queries"])])
+                        encoder, cache = PrecomputedEncoder(name, texts_all, embs), tmp
+                    else:
+                        encoder, cache = Encoder(EncoderConfig(precision=name)), None  # imrnn's embedding cache
+                    results["quality"].setdefault(name, {})[ds] = quality(data, encoder, cache)
+    results["load_after"] = os.getloadavg()
+    out = HERE / "results" / "encode-speed.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"CPU: {results['cpu']}; native bf16: {', '.join(flags) or 'none'} (auto -> {results['auto_resolves_to']}); "
+          f"torch threads {results['torch_threads']}; load average {results['load_before'][0]:.1f} before, "
+          f"{results['load_after'][0]:.1f} after; {len(texts)} SciFact passages, best of {args.rounds} rounds\n")
+    quality_cols = " | SciFact frozen | SciFact adapted | NFCorpus frozen | NFCorpus adapted" if args.quality else ""
+    print(f"| path | passages/s | × fp32{quality_cols} |\n|---|---:|---:" + "|---:" * (4 if args.quality else 0) + "|")
+    for name in speed:
+        cells = [name, f"{speed[name]:.1f}", f"{ratios[name]:.2f}"]
+        q = results.get("quality", {}).get(name)
+        if q:
+            cells += [f"{q[ds][part]:.4f}" for ds in ("scifact", "nfcorpus") for part in ("frozen", "adapted")]
+        elif args.quality:
+            cells += [""] * 4
+        print("| " + " | ".join(cells) + " |")
+    print("\npadding (share of real tokens in batches of 64): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in results["padding"].items()))
+
+
+if __name__ == "__main__":
+    started = time.perf_counter()
+    main()
+    print(f"total wall time {time.perf_counter() - started:.0f}s")
