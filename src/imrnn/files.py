@@ -3,7 +3,8 @@
 The policy: a file's bytes are flushed and fsync'ed *before* the rename that publishes it, so after a crash a
 name points either at the old complete content or at the new complete content, never at a torn file. Folders
 are built under a temporary name beside their target (every file in them fsync'ed the same way) and swapped in
-by renames; a folder being replaced or removed is first renamed aside, so no half-deleted folder keeps its name.
+by renames; a folder being replaced or removed is first renamed aside (to a `.tmp-` name), so no half-deleted
+folder keeps its name and every leftover of a killed process is recognisable by that prefix.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ if TYPE_CHECKING:
 
 def _temporary_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _set_aside(path: Path, why: str) -> Path:
+    """Where a folder goes while it is replaced or deleted: a `.tmp-` name, like every unfinished thing here."""
+    return path.with_name(f".tmp-{why}-{path.name}-{os.getpid()}")
 
 
 def fsync_file(path: str | Path) -> None:
@@ -92,7 +98,7 @@ def publish_folder(built: str | Path, target: str | Path) -> Path:
         if file.is_file():
             fsync_file(file)
     if target.exists():
-        old = target.with_name(f".{target.name}.old{os.getpid()}")
+        old = _set_aside(target, "old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
         os.replace(built, target)
@@ -107,7 +113,7 @@ def remove_folder(folder: str | Path) -> None:
     folder = Path(folder)
     if not folder.exists():
         return
-    trash = folder.with_name(f".{folder.name}.trash{os.getpid()}")
+    trash = _set_aside(folder, "trash")
     shutil.rmtree(trash, ignore_errors=True)
     try:
         os.replace(folder, trash)

@@ -134,8 +134,8 @@ def save_state(directory: str | Path, state: TrainState, key: str) -> Path:
 
 
 def _leftover(path: Path) -> bool:
-    """A saved epoch or the remains of an interrupted save (temporary or set-aside folders)."""
-    return path.name.startswith(".tmp-") or ".trash" in path.name or bool(_EPOCH_DIR.match(path.name))
+    """A saved epoch or the remains of an interrupted save (temporary or set-aside `.tmp-` folders)."""
+    return path.name.startswith(".tmp-") or bool(_EPOCH_DIR.match(path.name))
 
 
 def discard_state(directory: str | Path) -> None:
