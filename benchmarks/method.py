@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imrnn.config import IMRNNConfig, TrainConfig
+from imrnn.config import EncoderConfig, IMRNNConfig, TrainConfig
 from imrnn.data import QuerySet, load_dataset
 from imrnn.evaluate import evaluate_run, hits_to_run
-from imrnn.workflow import Comparison, SplitPlan, Workspace, evaluate, train
+from imrnn.workflow import Comparison, SplitPlan, Workspace, cross_validate, evaluate, train
 
 HERE = Path(__file__).resolve().parent
 DATA_DIR = os.environ.get("IMRNN_DATA_DIR", str(HERE.parent.parent / "shared" / "datasets"))
@@ -42,7 +42,7 @@ def row(label: str, report: dict, seconds: float | None = None) -> str:
     b, a = report["base"], report["adapted"]
     u = report.get("unseen_relevant")
     if u is None:
-        unseen = "n/a"  # not computed for this row (Rocchio, the k-fold union)
+        unseen = "n/a"  # not computed for this row (Rocchio)
     else:
         unseen = f"{u['base']['nDCG@10']:.4f} → {u['adapted']['nDCG@10']:.4f} ({u['queries']})" if u["queries"] else "empty"
     cells = [label, str(report["queries"])] + [f"{b[m]:.4f} → {a[m]:.4f}" for m in ("nDCG@10", "R@10", "RR@10")]
@@ -93,26 +93,24 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=0, help="k-fold cross-validation over the test queries (Cranfield)")
     parser.add_argument("--ablations", action="store_true")
     parser.add_argument("--validation", default="auto")
+    parser.add_argument("--precision", default="fp32", help="encoding precision; the recorded figures are fp32 (the "
+                        "library's default is auto: bf16 on CPUs with native bf16, see benchmarks/encode_speed.py)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     data = load_dataset(args.dataset, DATA_DIR, None, download=False)
-    workspace = Workspace.open(data, k=100)
+    workspace = Workspace.open(data, EncoderConfig(precision=args.precision), k=100)
     lines, results = [HEADER], {"dataset": args.dataset, "date": date.today().isoformat(), "runs": {}}
 
-    if args.folds:
-        base_runs, adapted_runs, qrels, seconds = {}, {}, {}, []
-        for i, plan in enumerate(SplitPlan.kfold(data.split("test"), args.folds, TrainConfig().validation_fraction, seed=42)):
-            report, secs, run = train_and_report(workspace, plan, IMRNNConfig(), TrainConfig(seed=42))
-            seconds.append(secs)
-            d = workspace.ranking(plan.test)
-            base_runs.update(hits_to_run(plan.test.ids, data.corpus.ids, d.candidates, workspace.frozen_scores(d)))
-            adapted_runs.update(run)
-            qrels.update(plan.test.qrels)
-            lines.append(row(f"fold {i}", report, secs))
-        union = dataclasses.asdict(Comparison.of_runs(base_runs, adapted_runs, qrels))
-        lines.append(row(f"all {args.folds} folds (union of test folds)", union, sum(seconds)))
-        results["runs"]["kfold"] = union
+    if args.folds:  # the library's cross-validation, exactly as `imrnn run --folds K` (no checkpoints written here)
+        plans = SplitPlan.kfold(data.split("test"), args.folds, TrainConfig().validation_fraction, seed=42)
+        cv = cross_validate(workspace, plans, TrainConfig(seed=42), IMRNNConfig(), progress=False).to_dict()
+        for i, fold in enumerate(cv["folds"]):
+            lines.append(row(f"fold {i}", fold, fold["train_seconds"]))
+        seconds = sum(fold["train_seconds"] for fold in cv["folds"])
+        lines.append(row(f"all {args.folds} folds (union of test folds)", cv["union"], seconds))
+        results["runs"]["kfold"] = cv["union"]
+        results["runs"]["folds"] = cv["folds"]
     else:
         variants: dict[str, tuple[IMRNNConfig, TrainConfig]] = {f"seed {s}": (IMRNNConfig(), TrainConfig(seed=s)) for s in args.seeds}
         if args.ablations:

@@ -57,7 +57,7 @@ def ours(data: Path, work: Path) -> None:
     import numpy as np
 
     from imrnn.checkpoint import Checkpoint
-    from imrnn.config import TrainConfig
+    from imrnn.config import EncoderConfig, TrainConfig
     from imrnn.data import load_beir
     from imrnn.encode import Encoder
     from imrnn.evaluate import hits_to_run, write_run
@@ -67,7 +67,7 @@ def ours(data: Path, work: Path) -> None:
 
     cache = work / "ours-cache"
     dataset = load_beir(data, name="scifact")
-    encoder = Encoder()
+    encoder = Encoder(EncoderConfig(precision="fp32"))  # the recorded comparison is fp32 on both sides
     test = dataset.split("test")
     start = time.perf_counter()
     workspace = Workspace.open(dataset, encoder, 100, cache_dir=cache, progress=False)

@@ -13,12 +13,16 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 from .config import EncoderConfig, IMRNNConfig, TrainConfig, command_line_fields
 from .errors import IMRNNError
+from .store.config import StoreConfig
+
+if TYPE_CHECKING:
+    from .data import Dataset
 
 _TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}
 PathType = click.Path(path_type=Path)
@@ -104,6 +108,11 @@ def app() -> None:
 @click.option("--ids", type=PathType, default=None, help="With --embeddings: the N document ids in row order, one per line or a JSON list (e.g. ids.json).")
 @click.option("--query-embeddings", type=PathType, default=None, help="With --embeddings: a float32 (Q, d) .npy file of query embeddings.")
 @click.option("--query-ids", type=PathType, default=None, help="With --embeddings: the Q query ids in row order, one per line or a JSON list.")
+@click.option("--store", default=None, help="Search a vector store filled by `imrnn index` (with --checkpoint): milvus:./NAME.db, "
+              "milvus:http://HOST:19530, qdrant:./FOLDER or qdrant:http://HOST:6333; the store's top-K is re-ranked by the adapter.")
+@click.option("--checkpoint", "-c", type=PathType, default=None, help="With --store: the checkpoint the collection was indexed with.")
+@click.option("--base-output", type=PathType, default=None, help="With --store: also write the store's own (frozen) ranking here.")
+@config_options(StoreConfig, "store")
 def search(**params: Any) -> None:
     """Base retrieval with the frozen encoder; writes a TREC run (corpus embeddings are cached).
 
@@ -115,6 +124,9 @@ def search(**params: Any) -> None:
     from .workflow import Workspace
 
     start, output, k = time.perf_counter(), params["output"], params["k"]
+    if params["store"] is not None or params["checkpoint"] is not None:
+        _search_store(params, start)
+        return
     try:
         encoder_config = config_from(EncoderConfig, "encoder", params)
         given = {"--embeddings": params["embeddings"], "--ids": params["ids"], "--query-embeddings": params["query_embeddings"],
@@ -133,7 +145,7 @@ def search(**params: Any) -> None:
                                    params["drop_unknown"])
             queries = dataset.split(params["split"])  # a bad split fails before anything is encoded
             workspace = Workspace.open(dataset, encoder_config, k, params["backend"], cache_dir=params["cache_dir"],
-                                       device=params["device"], batch_size=params["batch_size"])
+                                       device=params["device"], batch_size=params["batch_size"], log=_info)
             hits = workspace.search(encode_queries(workspace.encoder, queries, workspace.cache_dir))
             write_run(output, hits_to_run(queries.ids, workspace.dataset.corpus.ids, hits.indices, hits.scores), tag="base")
             count = len(queries)
@@ -158,6 +170,80 @@ def _search_embeddings(embeddings: Path, ids: Path, query_embeddings: Path, quer
     hits = first_stage(np.array(queries), docs, k, backend)
     write_run(output, hits_to_run(qids, doc_ids, hits.indices, hits.scores), tag="base")
     return len(qids)
+
+
+def _search_store(params: dict[str, Any], start: float) -> None:
+    """`imrnn search --store URI --checkpoint CKPT`: the store's top-K for the split's queries, re-ranked by the adapter
+    from the stored vectors (`imrnn.retriever.StoreRetriever`), as a TREC run (and the store's own ranking)."""
+    from .data import load_dataset
+    from .encode import encode_queries
+    from .evaluate import write_run
+    from .retriever import IMRNNRetriever
+
+    output, k = params["output"], params["k"]
+    try:
+        store_config = config_from(StoreConfig, "store", params)
+        if params["store"] is None or params["checkpoint"] is None:
+            raise IMRNNError("--store and --checkpoint go together: the collection's vectors were projected by a checkpoint.")
+        if params["dataset"] is None or params["embeddings"] is not None:
+            raise IMRNNError("--store searches the queries of --dataset NAME (with --split); --embeddings is not used with it.")
+        queries = load_dataset(params["dataset"], params["data_dir"], params["cache_dir"], not params["no_download"],
+                               params["drop_unknown"]).split(params["split"])
+        with IMRNNRetriever.connect(params["checkpoint"], params["store"], params["device"], store_config, candidates=k,
+                                    batch_size=params["batch_size"], cache_dir=params["cache_dir"]) as retriever:
+            rankings = retriever.search_embeddings(encode_queries(retriever.encoder, queries, params["cache_dir"]), k)
+        write_run(output, {q: dict(zip(r.ids, r.scores.tolist())) for q, r in zip(queries.ids, rankings)}, tag="imrnn")
+        if params["base_output"] is not None:
+            write_run(params["base_output"], {q: dict(zip(r.ids, r.base_scores.tolist())) for q, r in zip(queries.ids, rankings)},
+                      tag="base")
+    except (IMRNNError, ImportError) as err:
+        _fail(err)
+    _info(f"wrote {output}: {len(queries)} queries, the store's top-{k} re-ranked, in {time.perf_counter() - start:.1f}s")
+
+
+# --------------------------------------------------------------------------- index
+
+
+@app.command()
+@click.option("--store", required=True, help="Where to write: milvus:./NAME.db (Milvus Lite, embedded), milvus:http://HOST:19530 "
+              "(server or cluster), qdrant:./FOLDER (Qdrant local mode) or qdrant:http://HOST:6333.")
+@click.option("--checkpoint", "-c", type=PathType, required=True, help="Checkpoint whose adapter projects the documents.")
+@dataset_option
+@click.option("--reproject", is_flag=True, help="Re-project the stored embeddings for --checkpoint (a new adapter, same encoder); "
+              "nothing is re-encoded and --dataset is not needed.")
+@click.option("--recreate", is_flag=True, help="Delete the collection first and index anew (e.g. after changing the encoder).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Encode with Ray Data actors: --ray alone starts a local Ray here; --ray ADDRESS joins a cluster (e.g. auto, "
+                   "ray://HEAD:10001; every node needs imrnn installed).")
+@click.option("--ray-actors", default=2, show_default=True, help="With --ray: encoder actors (one CPU each, or one GPU with --device cuda).")
+@config_options(StoreConfig, "store")
+@_shared(device_option, batch_option, data_dir_option, cache_dir_option, no_download_option, drop_unknown_option)
+def index(**params: Any) -> None:
+    """Write a dataset's corpus into a vector store as adapter-ready records (frozen embedding + projected vector).
+
+    Idempotent and resumable: documents are upserted by id in batches, and progress is recorded in the collection, so
+    re-running a killed run finishes the job without duplicates; re-running a finished one does nothing."""
+    from .checkpoint import load_checkpoint
+    from .data import load_dataset
+    from .encode import Encoder
+    from .indexing import index_corpus
+    from .store.base import open_store
+
+    try:
+        store_config = config_from(StoreConfig, "store", params)
+        if params["dataset"] is None and not params["reproject"]:
+            raise IMRNNError("Give --dataset NAME: the corpus to index (or --reproject to re-project what the collection holds).")
+        checkpoint = load_checkpoint(params["checkpoint"], params["device"])
+        encoder = Encoder(checkpoint.encoder, params["device"], params["batch_size"])
+        corpus = None if params["reproject"] else load_dataset(
+            params["dataset"], params["data_dir"], params["cache_dir"], not params["no_download"], params["drop_unknown"]).corpus
+        with open_store(params["store"], store_config) as store:
+            report = index_corpus(store, checkpoint.model, encoder, corpus, str(params["checkpoint"]), params["cache_dir"],
+                                  params["ray_address"], params["ray_actors"], params["reproject"], params["recreate"])
+    except (IMRNNError, ImportError) as err:
+        _fail(err)
+    _info(f"{report.action}: {report.documents} documents in {report.collection!r} of {report.uri} ({report.written} written"
+          f"{f', resumed after {report.resumed_from}' if report.resumed_from and report.written else ''}) in {report.seconds:.1f}s")
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -220,7 +306,7 @@ def _evaluate_checkpoint(checkpoint: Path, dataset: str | None, split: str, k: i
             raise IMRNNError("--checkpoint needs --dataset NAME to evaluate on.")
         ckpt = load_checkpoint(checkpoint, device)
         workspace = Workspace.open(dataset, ckpt.encoder, k, data_dir=data_dir, cache_dir=cache_dir,
-                                   download=not no_download, device=device)
+                                   download=not no_download, device=device, log=_info)
         if workspace.dimension != ckpt.model_config.embedding_dim:
             raise IMRNNError(f"Encoder gives {workspace.dimension}-d embeddings; the checkpoint expects {ckpt.model_config.embedding_dim}.")
         report = evaluate_adapter(ckpt.model, workspace, SplitPlan.holdout(workspace.dataset, split))
@@ -257,18 +343,40 @@ def _print_metrics(result: dict, run: Path, compare: Path | None) -> None:
 # --------------------------------------------------------------------------- train and run
 
 
+def _fractions(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    """`--split-fractions 0.7,0.15,0.15` -> (0.7, 0.15, 0.15); `imrnn.data.random_splits` checks the values."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected three comma-separated numbers such as 0.7,0.15,0.15, got {value!r}.") from None
+
+
 def _training_command(default_dataset: str | None, test_help: str) -> Callable[[Callable], Callable]:
     """The options of `train` and `run`: data and encoder, splits, output, and every model and training field."""
-    dataset = (click.option("--dataset", "-d", default=default_dataset, show_default=True, help="BEIR dataset name or folder path.")
-               if default_dataset else click.option("--dataset", "-d", required=True, help="BEIR dataset name or folder path."))
     return _shared(
-        dataset,
+        click.option("--dataset", "-d", default=default_dataset, show_default=default_dataset is not None,
+                     help="BEIR dataset name or folder path (or give --pairs)."),
+        click.option("--pairs", type=PathType, default=None,
+                     help="Train on your own pairs instead of a dataset: JSONL, CSV or TSV rows of query, doc_id (or document "
+                          "text), optional grade and query_id."),
+        click.option("--corpus", type=PathType, default=None,
+                     help="With --pairs: the documents, JSONL ({_id, title, text}) or CSV/TSV with a header row."),
+        click.option("--test-pairs", type=PathType, default=None, help="With --pairs: held-out pairs to evaluate on."),
         click.option("--output", "-o", type=PathType, default=None,
-                     help="Checkpoint folder to write [default: <cache>/checkpoints/<dataset>-seed<seed>]."),
+                     help="Checkpoint folder to write [default: <cache>/checkpoints/<dataset>-seed<seed>; with --folds K, "
+                          "the folder of the fold checkpoints, default ...-seed<seed>-<K>folds]."),
         click.option("--train-split", default="train", show_default=True, help="Split whose queries train the adapter."),
         click.option("--validation-split", default="auto", show_default=True,
                      help="'auto' (dev if present, else carve), 'carve', 'disjoint', or a split name."),
         click.option("--test-split", default="test", show_default=True, help=test_help),
+        click.option("--folds", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="K-fold cross-validation over the queries of --test-split (with --pairs: the pairs), validation carved "
+                          "from the training folds; reports the union of the test folds, one checkpoint per fold."),
+        click.option("--split-fractions", default=None, callback=_fractions, metavar="TRAIN,VAL,TEST",
+                     help="One seeded random train/validation/test split of the queries of --test-split (with --pairs: the "
+                          "pairs), e.g. 0.7,0.15,0.15."),
         json_option,
         click.option("--resume", is_flag=True, help="Continue an interrupted training from its last finished epoch (state in <output>.state/)."),
         config_options(IMRNNConfig, "model"),
@@ -293,27 +401,48 @@ def run(**params: Any) -> None:
 
 
 def _train_command(params: dict[str, Any], require_test: bool) -> None:
-    """`train` and `run`: configs from the generated options, then `imrnn.workflow.run_pipeline`."""
-    from .data import load_dataset
-    from .workflow import SplitPlan, Workspace, run_pipeline
+    """`train` and `run`: configs from the generated options, then `imrnn.workflow.run_pipeline` (one split plan)
+    or `imrnn.workflow.cross_validate` (`--folds`)."""
+    from .pairs import PAIRS_SPLIT
+    from .workflow import SplitPlan, Workspace, cross_validate, default_checkpoint_dir, run_pipeline
 
     try:
         train_config = config_from(TrainConfig, "train", params)
         square = params["model__working_dim"] is None  # only a square projection can start at the identity
         model_config = config_from(IMRNNConfig, "model", params, identity_init=square)
         encoder_config = config_from(EncoderConfig, "encoder", params)
-        dataset = load_dataset(params["dataset"], params["data_dir"], params["cache_dir"], not params["no_download"],
-                               params["drop_unknown"])
-        test_split = params["test_split"]
-        if require_test and test_split not in dataset.splits:
-            raise IMRNNError(f"Dataset {params['dataset']!r} has no split {test_split!r} to evaluate on; pass --test-split.")
-        plan = SplitPlan.official(dataset, params["train_split"], params["validation_split"], test_split,
-                                  train_config.validation_fraction, train_config.seed)  # bad splits fail before encoding
+        folds, fractions, test_split = params["folds"], params["split_fractions"], params["test_split"]
+        resplit = bool(folds) or fractions is not None  # plans made from one query set, not the dataset's splits
+        if folds and fractions is not None:
+            raise IMRNNError("Give --folds K or --split-fractions TRAIN,VAL,TEST, not both.")
+        if resplit and (params["train_split"] != "train" or params["validation_split"] != "auto"):
+            raise IMRNNError("--folds and --split-fractions make their own training and validation queries from one query "
+                             "set; drop --train-split and --validation-split (the validation share is --validation-fraction).")
+        dataset = _training_data(params, resplit)
+        seed = train_config.seed
+        if resplit:  # bad splits fail before encoding
+            pool = dataset.split(PAIRS_SPLIT if params["pairs"] is not None else test_split)
+            plans = (SplitPlan.kfold(pool, folds, train_config.validation_fraction, seed) if folds
+                     else [SplitPlan.random(pool, fractions, seed)])
+        else:
+            if require_test and test_split not in dataset.splits:
+                raise IMRNNError(f"Dataset {dataset.name!r} has no split {test_split!r} to evaluate on; pass --test-split NAME, "
+                                 "cross-validate with --folds K or --split-fractions (or, with --pairs, give --test-pairs).")
+            plans = [SplitPlan.official(dataset, params["train_split"], params["validation_split"], test_split,
+                                        train_config.validation_fraction, seed)]
         workspace = Workspace.open(dataset, encoder_config, train_config.candidates, cache_dir=params["cache_dir"],
-                                   device=params["device"], batch_size=params["batch_size"])
-        _info(f"{dataset.name}: {len(dataset.corpus)} documents; train {len(plan.train)} / validation {len(plan.validation)} queries")
-        report, target = run_pipeline(workspace, plan, train_config, model_config, params["output"], params["device"],
-                                      params["resume"], log=_info)
+                                   device=params["device"], batch_size=params["batch_size"], log=_info)
+        if folds:
+            _info(f"{dataset.name}: {len(dataset.corpus)} documents; {folds} folds over {len(pool)} queries")
+            target = params["output"] or default_checkpoint_dir(workspace, seed, folds)
+            report = cross_validate(workspace, plans, train_config, model_config, target, params["device"], params["resume"],
+                                    log=_info).union
+        else:
+            plan = plans[0]
+            _info(f"{dataset.name}: {len(dataset.corpus)} documents; train {len(plan.train)} / validation {len(plan.validation)} "
+                  f"queries")
+            report, target = run_pipeline(workspace, plan, train_config, model_config, params["output"], params["device"],
+                                          params["resume"], log=_info)
     except IMRNNError as err:
         _fail(err)
     result = report.to_dict() if report is not None else {}
@@ -321,7 +450,29 @@ def _train_command(params: dict[str, Any], require_test: bool) -> None:
         click.echo(json.dumps(result, indent=2))
     elif result:
         _print_report(result)
-    _info(f"checkpoint saved to {target}")
+    _info(f"fold checkpoints and cross_validation.json saved in {target}" if folds else f"checkpoint saved to {target}")
+
+
+def _training_data(params: dict[str, Any], resplit: bool) -> "Dataset":
+    """The `Dataset` of `train`/`run`: a BEIR dataset (`--dataset`) or your own pairs (`--pairs`, `imrnn.pairs`)."""
+    from click.core import ParameterSource
+
+    from .data import load_dataset
+    from .pairs import load_pairs
+
+    if params["pairs"] is None:
+        if params["corpus"] is not None or params["test_pairs"] is not None:
+            raise IMRNNError("--corpus and --test-pairs go with --pairs FILE (your own training pairs).")
+        if params["dataset"] is None:
+            raise IMRNNError("Give --dataset NAME (a BEIR dataset) or --pairs FILE (your own (query, document) pairs).")
+        return load_dataset(params["dataset"], params["data_dir"], params["cache_dir"], not params["no_download"],
+                            params["drop_unknown"])
+    if click.get_current_context().get_parameter_source("dataset") is not ParameterSource.DEFAULT:
+        raise IMRNNError("Give --dataset NAME or --pairs FILE, not both.")
+    if resplit and params["test_pairs"] is not None:
+        raise IMRNNError("--test-pairs fixes the test queries, while --folds / --split-fractions split the pairs themselves; "
+                         "give one or the other.")
+    return load_pairs(params["pairs"], params["corpus"], params["test_pairs"])
 
 
 def _print_report(report: dict) -> None:
@@ -448,6 +599,33 @@ def _print_explanation(exp: Any, top: int) -> None:
         if cand.doc_words:
             best = sorted(cand.doc_words, key=lambda w: -w.weight)[:8]
             console.print("  its own words that lift it most: " + ", ".join(f"{w.text} {w.weight:+.4f}" for w in best), markup=False)
+
+
+# --------------------------------------------------------------------------- serve
+
+
+@app.command()
+@click.option("--checkpoint", "-c", type=PathType, required=True, help="Checkpoint folder written by `imrnn train`.")
+@click.option("--dataset", "-d", default=None, help="BEIR dataset whose corpus is indexed for /search and ids (name or folder path).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, help="TCP port (0 picks a free one; the log names it).")
+@click.option("--k", "-k", default=100, show_default=True, help="First-stage candidates re-ranked per query (K).")
+@click.option("--vocabulary", default="encoder", show_default=True,
+              help="Concept vocabulary of /explain: encoder (built once, cached) or input (word-embedding matrix).")
+@click.option("--threads", type=int, default=None, help="torch threads for model work [default: one per core; 1 is faster on a busy, shared machine].")
+@click.option("--log-level", default="info", show_default=True, help="uvicorn log level: critical, error, warning, info, debug.")
+@_shared(device_option, data_dir_option, cache_dir_option, no_download_option)
+def serve(checkpoint: Path, dataset: str | None, host: str, port: int, k: int, vocabulary: str, threads: int | None,
+          log_level: str, device: str, data_dir: str | None, cache_dir: Path | None, no_download: bool) -> None:
+    """Serve a checkpoint over HTTP (FastAPI + uvicorn): /search, /rerank, /explain, /health, /openapi.json."""
+    try:
+        from .serve import serve as run_service
+
+        run_service(checkpoint, dataset, host, port, candidates=k, vocabulary=vocabulary, data_dir=data_dir,
+                    cache_dir=cache_dir, download=not no_download, device=device, threads=threads, log_level=log_level,
+                    log=_info)
+    except (IMRNNError, ImportError) as err:
+        _fail(err)
 
 
 def main() -> None:  # pragma: no cover - console entry point

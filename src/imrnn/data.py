@@ -175,7 +175,7 @@ def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
             raise DataError(f"Cannot read {path} (after line {number}): {err.strerror or err}.") from None
 
 
-def _check_id(path: Path, number: int, value: str, what: str) -> str:
+def check_id(path: Path, number: int, value: str, what: str) -> str:
     """An id must be one token: non-empty, no whitespace or control characters (TREC files split on whitespace)."""
     if value.split() != [value] or any(unicodedata.category(c) in ("Cc", "Cs") for c in value):
         raise DataError(
@@ -206,7 +206,7 @@ def _read_jsonl(path: Path, kind: str) -> Iterator[tuple[int, dict]]:
         rid = record.get("_id")
         if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) == "":
             raise DataError(f"{path}:{number}: missing or empty \"_id\" in {kind} record. Give every record a unique \"_id\" string.")
-        _check_id(path, number, str(rid), "\"_id\"")
+        check_id(path, number, str(rid), "\"_id\"")
         for key in ("title", "text"):
             if key in record and record[key] is not None and not isinstance(record[key], str):
                 raise DataError(f"{path}:{number}: \"{key}\" must be a string, got {type(record[key]).__name__}.")
@@ -284,7 +284,7 @@ def read_ids(path: str | Path, count: int | None = None, what: str = "document")
     ids: list[str] = []
     seen: set[str] = set()
     for number, value in numbered:
-        _check_id(path, number, value, f"{what} id")
+        check_id(path, number, value, f"{what} id")
         if value in seen:
             raise DataError(f"{path}:{number}: duplicate {what} id {clip(value)}. Ids must be unique.")
         seen.add(value)

@@ -17,3 +17,7 @@ class CheckpointError(IMRNNError, ValueError):
 
 class ConfigError(IMRNNError, ValueError):
     """A configuration value is out of range or inconsistent."""
+
+
+class StoreError(IMRNNError, RuntimeError):
+    """A vector store is unreachable, or its collection is missing or does not match the adapter (the message names the fix)."""

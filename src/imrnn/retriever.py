@@ -18,6 +18,9 @@ from .index import BACKENDS, FaissIndex, exact_search
 from .files import tensor_view
 from .model import IMRNN, CorpusCache
 from .scoring import frozen_cosine, repeated_rows
+from .store.adapter import AdapterIdentity, rerank_hits
+from .store.base import Records, VectorStore, open_store
+from .store.config import StoreConfig
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,19 @@ class IMRNNRetriever:
 
     def save_pretrained(self, directory: str | Path) -> Path:
         return save_checkpoint(self.checkpoint, directory)
+
+    @classmethod
+    def connect(cls, checkpoint_dir: str | Path, store: str | VectorStore, device: str = "cpu",
+                store_config: StoreConfig | None = None, **kwargs) -> "StoreRetriever":
+        """A retriever whose corpus lives in a vector store (`StoreRetriever`): `store` is a URI such as
+        "milvus:./scifact.db" (Milvus Lite, embedded), "milvus:http://host:19530", "qdrant:./folder" or an open store."""
+        opened = open_store(store, store_config) if isinstance(store, str) else store
+        try:
+            return StoreRetriever(load_checkpoint(checkpoint_dir, device), opened, device,
+                                  checkpoint_path=str(checkpoint_dir), **kwargs)
+        except BaseException:
+            opened.close()
+            raise
 
     def index(self, corpus: Corpus | Mapping[str, str] | Sequence[str] | Sequence[Mapping[str, str]],
               ids: Sequence[str] | None = None, progress: bool = True) -> "IMRNNRetriever":
@@ -258,3 +274,88 @@ def _check_finite_rows(queries: np.ndarray) -> None:
     if len(bad):
         raise ConfigError(f"Query embeddings hold NaN or Inf values (first at query row {bad[0]}); re-encode that query.")
 
+
+class StoreRetriever(IMRNNRetriever):
+    """An `IMRNNRetriever` whose first stage is a vector store (made by `IMRNNRetriever.connect`).
+
+    `search` takes the store's top-`candidates` with their stored frozen and projected vectors and re-ranks them
+    (`rerank_hits`: rows are gathered, never projected again); `index` / `index_embeddings` add or overwrite
+    documents and `delete` removes them, visible to the next search. The collection must have been made by the
+    same encoder and checkpoint (else a StoreError naming `imrnn index --reproject`). Close it (or use `with`)."""
+
+    def __init__(self, checkpoint: Checkpoint, store: VectorStore, device: str = "cpu", candidates: int = 100,
+                 batch_size: int = 64, checkpoint_path: str = "", cache_dir: str | Path | None = None) -> None:
+        super().__init__(checkpoint, device, candidates, "exact", cache_dir, batch_size)
+        self.store = store
+        self.identity = AdapterIdentity.of(self.model, self.encoder, checkpoint_path)
+        if store.exists():
+            self.identity.check(store.info(), store.uri)
+
+    def __enter__(self) -> "StoreRetriever":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def index(self, corpus: Corpus | Mapping[str, str] | Sequence[str] | Sequence[Mapping[str, str]],
+              ids: Sequence[str] | None = None, progress: bool = True) -> "StoreRetriever":
+        """Add documents to the store (an id already there is overwritten): embedded (through the embedding cache)
+        and projected once here, stored with their title and text."""
+        corpus = _as_corpus(corpus, ids)
+        if len(corpus) == 0:
+            raise ConfigError("Cannot index an empty corpus.")
+        embs = encode_cached(self.encoder, corpus.ids.tolist(), corpus.passages(), self.cache_dir, "passage", progress=progress)
+        return self._add(corpus.ids.tolist(), np.asarray(embs), corpus.titles, corpus.texts)
+
+    def index_embeddings(self, embeddings: np.ndarray, ids: Sequence[str] | None = None) -> "StoreRetriever":
+        """Add documents from embeddings computed elsewhere (`(N, d)`, the checkpoint's encoder), without payload."""
+        embs = _float_array(embeddings, "Document embeddings")
+        if embs.ndim != 2 or len(embs) == 0:
+            raise ConfigError(f"Document embeddings must be a non-empty (N, d) array, got shape {embs.shape}.")
+        self._check_dim(embs.shape[1])
+        keys = [str(i) for i in (ids if ids is not None else range(len(embs)))]
+        if len(keys) != len(embs) or len(set(keys)) != len(keys):
+            raise ConfigError(f"Give one unique id per embedding: got {len(embs)} embeddings and {len(set(keys))} distinct "
+                              f"of {len(keys)} ids.")
+        return self._add(keys, embs, [""] * len(keys), [""] * len(keys))
+
+    def _add(self, ids: list[str], embs: np.ndarray, titles: list[str], texts: list[str]) -> "StoreRetriever":
+        cache = self.model.cache_corpus(embs)
+        broken = torch.nonzero(~torch.isfinite(cache.norms))
+        if len(broken):
+            raise ConfigError(f"Document embeddings hold NaN or Inf values (first at document row {int(broken[0])}); "
+                              "re-encode those documents or drop them.")
+        if not self.store.exists():
+            self.store.create(self.identity.embedding_dim, self.identity.projected_dim, self.identity.metadata("ready"))
+        self.store.upsert(Records(ids, embs, cache.projected.cpu().numpy(), list(titles), list(texts)))
+        return self
+
+    def delete(self, ids: Sequence[str]) -> "StoreRetriever":
+        """Remove documents by id from the store (ids it does not hold are ignored)."""
+        self.store.delete(ids)
+        return self
+
+    def search(self, queries: str | Sequence[str], k: int = 10) -> list[Ranking]:
+        texts = [queries] if isinstance(queries, str) else list(queries)
+        return self.search_embeddings(self.encoder.encode_queries(texts), k)
+
+    def search_embeddings(self, query_embs: np.ndarray, k: int = 10) -> list[Ranking]:
+        """The store's top-`candidates` for queries `(Q, d)`, re-ranked by the adapters from the stored vectors."""
+        if k < 1:
+            raise ConfigError(f"k must be at least 1, got {k}.")
+        queries = _float_array(query_embs, "Query embeddings")
+        hits = self.store.search(queries, max(self.candidates, k))
+        ids, scores, base = rerank_hits(self.model, queries, hits, k, self.device)
+        keep = np.isfinite(scores)
+        if keep.all():
+            return [Ranking(i, s, b) for i, s, b in zip(ids.tolist(), scores, base)]
+        return [Ranking(i[m].tolist(), s[m], b[m]) for i, s, b, m in zip(ids, scores, base, keep)]
+
+    def rerank_ids(self, query_embs: np.ndarray, candidates: Sequence[Sequence[str]] | np.ndarray,
+                   k: int | None = None) -> list[Ranking]:
+        raise ConfigError("rerank_ids() re-ranks documents of an in-process index; a store-connected retriever "
+                          "searches the store with search() / search_embeddings(), or scores given vectors with "
+                          "rerank_embeddings().")

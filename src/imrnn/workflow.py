@@ -7,7 +7,8 @@
     save_checkpoint(checkpoint(trained, workspace, plan, report), "checkpoints/scifact")
 
 `run_pipeline` does exactly these steps (plus resumable training state); `imrnn evaluate --checkpoint` is
-`evaluate` under `SplitPlan.holdout`; `benchmarks/method.py` calls the same functions.
+`evaluate` under `SplitPlan.holdout`; `cross_validate` runs them once per `SplitPlan.kfold` fold and pools the test
+folds (`imrnn run --folds`); `benchmarks/method.py` calls the same functions.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -23,11 +24,12 @@ from . import __version__
 from .candidates import RankingSet, ranking_set
 from .checkpoint import Checkpoint, save_checkpoint
 from .config import IMRNNConfig, TrainConfig
-from .data import Dataset, Qrels, QuerySet, carve_validation, default_cache_dir, kfold, load_dataset
+from .data import Dataset, Qrels, QuerySet, carve_validation, default_cache_dir, kfold, load_dataset, random_splits
 from .encode import Encoder, EncoderConfig, encode_corpus, encode_queries
 from .errors import ConfigError
 from .evaluate import Run, hits_to_run, paired_test, per_query
-from .index import Hits, search
+from .files import atomic_write_json
+from .index import BACKENDS, Hits, search
 from .model import IMRNN
 from .resume import discard_state, has_state
 from .scoring import frozen_scores, score_candidates, sort_by_score
@@ -53,14 +55,18 @@ class Workspace:
     def open(cls, dataset: str | Path | Dataset, encoder: Encoder | EncoderConfig | None = None, k: int = 100,
              backend: str = "exact", data_dir: str | Path | None = None, cache_dir: str | Path | None = None,
              download: bool = True, drop_unknown: bool = False, device: str = "cpu", batch_size: int = 64,
-             progress: bool = True) -> "Workspace":
-        """Load (or download) the dataset and embed its corpus, reusing the embedding cache."""
+             progress: bool = True, log: Callable[[str], None] = lambda _: None) -> "Workspace":
+        """Load (or download) the dataset and embed its corpus, reusing the embedding cache; `log` hears which
+        encoding path is used (what `precision="auto"` chose) once the inputs are known to be valid."""
         if k < 1:
             raise ConfigError(f"k (first-stage candidates) must be at least 1, got {k}.")
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}.")
         if not isinstance(dataset, Dataset):
             dataset = load_dataset(dataset, data_dir, cache_dir, download, drop_unknown)
         if not isinstance(encoder, Encoder):
             encoder = Encoder(encoder, device, batch_size)
+        log(f"encoder: {encoder.describe()}")
         docs = encode_corpus(encoder, dataset.corpus, cache_dir, progress=progress)
         return cls(dataset, encoder, docs, Path(cache_dir) if cache_dir else None, k, backend)
 
@@ -122,6 +128,12 @@ class SplitPlan:
         return plans
 
     @classmethod
+    def random(cls, queries: QuerySet, fractions: tuple[float, float, float] = (0.70, 0.15, 0.15), seed: int = 42) -> "SplitPlan":
+        """One seeded train / validation / test split of one query set (the authors' protocol for test-only collections)."""
+        fit, validation, test = random_splits(queries, fractions, seed)
+        return cls(fit, validation, test, {**fit.qrels, **validation.qrels})
+
+    @classmethod
     def holdout(cls, dataset: Dataset, split: str) -> "SplitPlan":
         """Evaluate a trained model on one split; every other split counts as seen."""
         seen = {q: docs for name, qrels in dataset.qrels.items() if name != split for q, docs in qrels.items()}
@@ -167,6 +179,7 @@ class EvaluationReport:
     unseen_relevant_queries: int
     unseen_relevant: Comparison | None
     adapted_run: Run = field(repr=False, compare=False)
+    base_run: Run = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The `--json` output (its keys are pinned by a golden test: users parse them)."""
@@ -210,12 +223,14 @@ def evaluate(model: IMRNN, workspace: Workspace, plan: SplitPlan) -> EvaluationR
     base_run = hits_to_run(test.ids, doc_ids, data.candidates, workspace.frozen_scores(data))
     order, scores = sort_by_score(data.candidates, score_candidates(model, data.query_embs, workspace.doc_embs, data.candidates))
     adapted_run = hits_to_run(test.ids, doc_ids, order, scores)
-    unseen_ids = plan.unseen_relevant(test)
-    unseen = None
-    if unseen_ids:
-        unseen = Comparison.of_runs(base_run, adapted_run, {q: test.qrels[q] for q in unseen_ids})
-    return EvaluationReport(Comparison.of_runs(base_run, adapted_run, test.qrels), workspace.k, test.name, len(unseen_ids),
-                            unseen, adapted_run)
+    return _report(base_run, adapted_run, test.qrels, plan.unseen_relevant(test), workspace.k, test.name)
+
+
+def _report(base_run: Run, adapted_run: Run, qrels: Qrels, unseen_ids: list[str], k: int, split: str) -> EvaluationReport:
+    """Base vs adapted over `qrels`' queries, and over the unseen-relevant ones among them."""
+    unseen = Comparison.of_runs(base_run, adapted_run, {q: qrels[q] for q in unseen_ids}) if unseen_ids else None
+    return EvaluationReport(Comparison.of_runs(base_run, adapted_run, qrels), k, split, len(unseen_ids), unseen, adapted_run,
+                            base_run)
 
 
 def checkpoint(trained: TrainResult, workspace: Workspace, plan: SplitPlan, train_config: TrainConfig,
@@ -224,6 +239,7 @@ def checkpoint(trained: TrainResult, workspace: Workspace, plan: SplitPlan, trai
     metadata = {
         "library_version": __version__,
         "encoder_identity": workspace.encoder.identity,
+        "encoder_precision": workspace.encoder.precision,  # what `auto` resolved to while training
         "data": {
             "dataset": workspace.dataset.name,
             "corpus_fingerprint": workspace.dataset.corpus.fingerprint(),
@@ -240,9 +256,11 @@ def checkpoint(trained: TrainResult, workspace: Workspace, plan: SplitPlan, trai
     return Checkpoint(trained.model, workspace.encoder.config, train_config, metadata)
 
 
-def default_checkpoint_dir(workspace: Workspace, seed: int) -> Path:
-    """Where a checkpoint goes when no output folder is given: `<cache>/checkpoints/<dataset>-seed<seed>`."""
-    return Path(workspace.cache_dir or default_cache_dir()) / "checkpoints" / f"{workspace.dataset.name}-seed{seed}"
+def default_checkpoint_dir(workspace: Workspace, seed: int, folds: int = 0) -> Path:
+    """Where a checkpoint goes when no output folder is given: `<cache>/checkpoints/<dataset>-seed<seed>`
+    (with `folds`, the folder of the fold checkpoints: `<cache>/checkpoints/<dataset>-seed<seed>-<folds>folds`)."""
+    name = f"{workspace.dataset.name}-seed{seed}" + (f"-{folds}folds" if folds else "")
+    return Path(workspace.cache_dir or default_cache_dir()) / "checkpoints" / name
 
 
 def run_pipeline(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig = TrainConfig(),
@@ -254,14 +272,87 @@ def run_pipeline(workspace: Workspace, plan: SplitPlan, train_config: TrainConfi
     The training state is saved after every epoch in `<output>.state/` (removed once the checkpoint is written),
     so a killed run continues with `resume=True` and ends with the same weights as an uninterrupted one."""
     target = Path(output) if output is not None else default_checkpoint_dir(workspace, train_config.seed)
-    state_dir = target.with_name(target.name + ".state")
-    if not resume and has_state(state_dir):
+    trained = _fit(workspace, plan, train_config, model_config, _state_dir(target), device, resume, progress, log)
+    report = evaluate(trained.model, workspace, plan) if plan.test is not None else None
+    _save(trained, workspace, plan, train_config, report, target)
+    return report, target
+
+
+def _state_dir(target: Path) -> Path:
+    return target.with_name(target.name + ".state")
+
+
+def _fit(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig, model_config: IMRNNConfig | None,
+         state_dir: Path | None, device: str, resume: bool, progress: bool, log: Callable[[str], None]) -> TrainResult:
+    """`train`, resumable through `state_dir` (None: no saved state), logging its outcome."""
+    if state_dir is not None and not resume and has_state(state_dir):
         log(f"found the state of an interrupted training in {state_dir}; starting over (pass --resume to continue it)")
     trained = train(workspace, plan, train_config, model_config, device, progress, state_dir, resume)
     gate = (trained.gate or {}).get("threshold")
     log(f"trained in {trained.seconds:.1f}s; best epoch {trained.best_epoch}, validation nDCG@10 {trained.best_validation:.4f}; "
         f"novelty gate threshold {gate if gate is not None else 'none'}")
-    report = evaluate(trained.model, workspace, plan) if plan.test is not None else None
+    return trained
+
+
+def _save(trained: TrainResult, workspace: Workspace, plan: SplitPlan, train_config: TrainConfig,
+          report: EvaluationReport | None, target: Path) -> None:
+    """Write the checkpoint folder, then drop the training state it supersedes."""
     save_checkpoint(checkpoint(trained, workspace, plan, train_config, report), target)
-    discard_state(state_dir)
-    return report, target
+    discard_state(_state_dir(target))
+
+
+@dataclass(frozen=True)
+class CrossValidation:
+    """One model per fold, each tested on its own held-out queries, and the test folds pooled (`union`): the
+    figure to report for a collection with a single split. `union.to_dict()` is `imrnn run --folds K --json`."""
+
+    folds: list[EvaluationReport]
+    union: EvaluationReport
+    trained: list[TrainResult] = field(repr=False)
+    checkpoints: list[Path] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The union report and, per fold, its report with training facts (`cross_validation.json`)."""
+        folds = [{**report.to_dict(), "best_epoch": fit.best_epoch, "validation_nDCG@10": fit.best_validation,
+                  "train_seconds": round(fit.seconds, 2), "checkpoint": str(self.checkpoints[i]) if self.checkpoints else None}
+                 for i, (report, fit) in enumerate(zip(self.folds, self.trained))]
+        return {"union": self.union.to_dict(), "folds": folds}
+
+
+def cross_validate(workspace: Workspace, plans: Sequence[SplitPlan], train_config: TrainConfig = TrainConfig(),
+                   model_config: IMRNNConfig | None = None, output: Path | None = None, device: str = "cpu",
+                   resume: bool = False, progress: bool = True, log: Callable[[str], None] = lambda _: None,
+                   ) -> CrossValidation:
+    """Train and test once per plan (e.g. `SplitPlan.kfold`), then compare base and adapted over the union of the test
+    folds; a query counts as unseen-relevant in the union when it is so for its own fold's model.
+
+    With `output`, fold i's checkpoint goes to `<output>/fold-<i>` (resumable like `run_pipeline`) and the union and
+    per-fold reports to `<output>/cross_validation.json`; without it nothing is written."""
+    tests = [plan.test for plan in plans if plan.test is not None]
+    if not plans or len(tests) != len(plans):
+        raise ConfigError("Cross-validation needs at least one split plan, each with test queries (SplitPlan.kfold).")
+    tested = [q for test in tests for q in test.ids]
+    if len(set(tested)) != len(tested):
+        raise ConfigError("The plans' test folds overlap; every query must be tested by exactly one fold (SplitPlan.kfold).")
+    targets = [Path(output) / f"fold-{i}" for i in range(len(plans))] if output is not None else []
+    folds, trained = [], []
+    for i, (plan, test) in enumerate(zip(plans, tests)):
+        log(f"fold {i + 1}/{len(plans)}: train {len(plan.train or [])} / validation {len(plan.validation or [])} / "
+            f"test {len(test)} queries")
+        fit = _fit(workspace, plan, train_config, model_config, _state_dir(targets[i]) if targets else None, device, resume,
+                   progress, log)
+        report = evaluate(fit.model, workspace, plan)
+        if targets:
+            _save(fit, workspace, plan, train_config, report, targets[i])
+        log(f"fold {i + 1}/{len(plans)}: nDCG@10 {report.overall.base['nDCG@10']:.4f} -> {report.overall.adapted['nDCG@10']:.4f}")
+        folds.append(report)
+        trained.append(fit)
+    qrels = {q: docs for test in tests for q, docs in test.qrels.items()}
+    unseen = [q for plan, test in zip(plans, tests) for q in plan.unseen_relevant(test)]
+    base = {q: docs for report in folds for q, docs in report.base_run.items()}
+    adapted = {q: docs for report in folds for q, docs in report.adapted_run.items()}
+    union = _report(base, adapted, qrels, unseen, workspace.k, f"union of {len(plans)} test folds")
+    result = CrossValidation(folds, union, trained, targets)
+    if output is not None:
+        atomic_write_json(Path(output) / "cross_validation.json", result.to_dict())
+    return result
