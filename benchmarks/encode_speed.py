@@ -4,7 +4,8 @@ Usage (from the repository root, after the README's install command):
     python benchmarks/encode_speed.py                                   # torch paths: fp32, bf16 autocast, batch sizes
     python benchmarks/encode_speed.py --onnx-python /tmp/onnxvenv/bin/python --quality
         # + ONNX Runtime fp32 / dynamic int8 (optimum export; its environment: see benchmarks/_onnx_encode.py)
-        # + nDCG@10 of the frozen retriever and of the default adapter (seed 42) on SciFact and NFCorpus test, per path
+        # + nDCG@10 of the frozen retriever and of the default adapter (seed 42) on SciFact and NFCorpus test, per
+        #   torch path (--onnx-quality: for the ONNX paths too)
 Speed is measured on an evenly spaced sample of SciFact's corpus (`--passages`, 0 = all 5,183), each path timed in
 alternating rounds in the same process (best round kept), so machine load affects every path alike; the ONNX paths
 run in their own process together with a torch fp32 reference, and their ratio is to that reference. Writes
@@ -30,6 +31,7 @@ import torch
 from imrnn.config import EncoderConfig, TrainConfig
 from imrnn.data import Dataset, load_dataset
 from imrnn.encode import NATIVE_BF16_FLAGS, Encoder, cpu_flags, resolve_precision
+from imrnn.model import IMRNN
 from imrnn.workflow import SplitPlan, Workspace, evaluate, train
 
 HERE = Path(__file__).resolve().parent
@@ -104,12 +106,17 @@ class PrecomputedEncoder(Encoder):
         return self.embeddings[[self.rows[prefix + t] for t in texts]]
 
 
-def quality(dataset: Dataset, encoder: Encoder, cache_dir: str | None) -> dict[str, float]:
-    """nDCG@10 on the official test split: frozen retriever and the default adapter recipe (seed 42)."""
+def quality(dataset: Dataset, encoder: Encoder, cache_dir: str | None, fp32_model: IMRNN | None) -> tuple[dict, IMRNN]:
+    """nDCG@10 on the official test split: the frozen retriever, the default adapter recipe (seed 42) trained on
+    this path's embeddings, and the adapter trained on fp32 embeddings applied to this path's embeddings (the
+    inference-only change, free of the training run's own sensitivity)."""
     workspace = Workspace.open(dataset, encoder, 100, cache_dir=cache_dir, progress=False)
     plan = SplitPlan.official(dataset, seed=42)
-    report = evaluate(train(workspace, plan, TrainConfig(seed=42), progress=False).model, workspace, plan)
-    return {"frozen": report.overall.base["nDCG@10"], "adapted": report.overall.adapted["nDCG@10"]}
+    model = train(workspace, plan, TrainConfig(seed=42), progress=False).model
+    report = evaluate(model, workspace, plan)
+    reference = evaluate(fp32_model or model, workspace, plan)
+    return {"frozen": report.overall.base["nDCG@10"], "adapted": report.overall.adapted["nDCG@10"],
+            "fp32_adapter": reference.overall.adapted["nDCG@10"]}, model
 
 
 def onnx_paths(python: str, speed_texts: list[str], datasets: dict[str, Dataset], rounds: int, work: Path) -> dict:
@@ -131,7 +138,9 @@ def main() -> None:
     parser.add_argument("--passages", type=int, default=1024, help="SciFact passages timed per round (0 = the whole corpus)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--onnx-python", default=None, help="interpreter of the ONNX environment (see _onnx_encode.py)")
-    parser.add_argument("--quality", action="store_true", help="also nDCG@10 per path on SciFact and NFCorpus test")
+    parser.add_argument("--quality", action="store_true", help="also nDCG@10 of the torch paths on SciFact and NFCorpus test")
+    parser.add_argument("--onnx-quality", action="store_true", help="with --onnx-python: the same for the ONNX paths "
+                        "(encodes both corpora once more per ONNX path)")
     args = parser.parse_args()
     flags = sorted(set(NATIVE_BF16_FLAGS) & cpu_flags())
     results: dict = {"date": date.today().isoformat(), "cpu": cpu_name(), "native_bf16": flags,
@@ -143,7 +152,8 @@ def main() -> None:
     speed = torch_speed(texts, args.rounds)
     results["padding"] = padding_efficiency(texts)
     with tempfile.TemporaryDirectory() as tmp:
-        onnx = onnx_paths(args.onnx_python, texts, datasets, args.rounds, Path(tmp)) if args.onnx_python else None
+        onnx = (onnx_paths(args.onnx_python, texts, datasets if args.onnx_quality else {}, args.rounds, Path(tmp))
+                if args.onnx_python else None)
         ratios = {name: value / speed["fp32"] for name, value in speed.items()}
         if onnx:
             reference = onnx["passages_per_second"]["torch-fp32"]
@@ -153,8 +163,8 @@ def main() -> None:
             results["onnx_process_torch_fp32"] = reference
         results["speed"] = {name: {"passages_per_second": speed[name], "ratio_to_fp32": ratios[name]} for name in speed}
         if args.quality:
-            results["quality"] = {}
-            for name in ("fp32", "bf16") + (("onnx-fp32", "onnx-int8") if onnx else ()):
+            results["quality"], fp32_models = {}, {}
+            for name in ("fp32", "bf16") + (("onnx-fp32", "onnx-int8") if onnx and args.onnx_quality else ()):
                 for ds, data in datasets.items():
                     if name.startswith("onnx"):
                         texts_all = onnx["texts"][f"{ds}-corpus"] + onnx["texts"][f"{ds}-queries"]
@@ -163,7 +173,9 @@ def main() -> None:
                         encoder, cache = PrecomputedEncoder(name, texts_all, embs), tmp
                     else:
                         encoder, cache = Encoder(EncoderConfig(precision=name)), None  # imrnn's embedding cache
-                    results["quality"].setdefault(name, {})[ds] = quality(data, encoder, cache)
+                    figures, model = quality(data, encoder, cache, fp32_models.get(ds))
+                    fp32_models.setdefault(ds, model)  # the first path is fp32
+                    results["quality"].setdefault(name, {})[ds] = figures
     results["load_after"] = os.getloadavg()
     out = HERE / "results" / "encode-speed.json"
     out.parent.mkdir(exist_ok=True)
@@ -171,15 +183,17 @@ def main() -> None:
     print(f"CPU: {results['cpu']}; native bf16: {', '.join(flags) or 'none'} (auto -> {results['auto_resolves_to']}); "
           f"torch threads {results['torch_threads']}; load average {results['load_before'][0]:.1f} before, "
           f"{results['load_after'][0]:.1f} after; {len(texts)} SciFact passages, best of {args.rounds} rounds\n")
-    quality_cols = " | SciFact frozen | SciFact adapted | NFCorpus frozen | NFCorpus adapted" if args.quality else ""
-    print(f"| path | passages/s | × fp32{quality_cols} |\n|---|---:|---:" + "|---:" * (4 if args.quality else 0) + "|")
+    parts = ("frozen", "adapted", "fp32_adapter")
+    quality_cols = "".join(f" | {ds} {part.replace('_', ' ')}" for ds in ("SciFact", "NFCorpus") for part in parts)
+    quality_cols = quality_cols if args.quality else ""
+    print(f"| path | passages/s | × fp32{quality_cols} |\n|---|---:|---:" + "|---:" * (6 if args.quality else 0) + "|")
     for name in speed:
         cells = [name, f"{speed[name]:.1f}", f"{ratios[name]:.2f}"]
         q = results.get("quality", {}).get(name)
         if q:
-            cells += [f"{q[ds][part]:.4f}" for ds in ("scifact", "nfcorpus") for part in ("frozen", "adapted")]
+            cells += [f"{q[ds][part]:.4f}" for ds in ("scifact", "nfcorpus") for part in parts]
         elif args.quality:
-            cells += [""] * 4
+            cells += [""] * 6
         print("| " + " | ".join(cells) + " |")
     print("\npadding (share of real tokens in batches of 64): "
           + ", ".join(f"{k} {v:.3f}" for k, v in results["padding"].items()))

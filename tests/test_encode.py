@@ -229,6 +229,9 @@ def test_auto_precision_is_bf16_exactly_where_the_cpu_computes_bf16_natively(mon
         monkeypatch.setattr(encode_module, "cpu_flags", lambda flags=flags: flags)
         assert resolve_precision("auto", "cpu") == expected, flags
     assert resolve_precision("auto", "mps") == "fp32"
+    # the batch size follows the resolved precision (the fastest measured), unless given
+    assert Encoder(EncoderConfig(precision="fp32")).batch_size == 64 and Encoder(EncoderConfig(precision="bf16")).batch_size == 32
+    assert Encoder(EncoderConfig(precision="bf16"), batch_size=8).batch_size == 8
 
 
 def test_auto_precision_keys_the_cache_by_what_it_resolved_to(encoder, tmp_path):

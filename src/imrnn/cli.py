@@ -72,7 +72,8 @@ cache_dir_option = click.option("--cache-dir", envvar="IMRNN_CACHE_DIR", type=Pa
                                 help="Cache for embeddings and downloads [env: IMRNN_CACHE_DIR; default: ~/.cache/imrnn].")
 split_option = click.option("--split", "-s", default="test", show_default=True, help="Qrels split to use (a file name in qrels/, e.g. test).")
 device_option = click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1 ...")
-batch_option = click.option("--batch-size", default=64, show_default=True, help="Encoder batch size.")
+batch_option = click.option("--batch-size", type=int, default=None,
+                            help="Encoder batch size [default: 32 in bf16, 64 in fp32, the fastest measured].")
 no_download_option = click.option("--no-download", is_flag=True, help="Never try to download a missing dataset.")
 drop_unknown_option = click.option("--drop-unknown", is_flag=True, help="Drop qrels naming unknown queries/documents instead of failing.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")

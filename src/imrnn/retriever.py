@@ -58,7 +58,7 @@ class IMRNNRetriever:
     """Frozen bi-encoder first stage (top-`candidates`) re-ranked by IMRNN adapters, on batches of queries."""
 
     def __init__(self, checkpoint: Checkpoint, device: str = "cpu", candidates: int = 100, backend: str = "exact",
-                 cache_dir: str | Path | None = None, batch_size: int = 64) -> None:
+                 cache_dir: str | Path | None = None, batch_size: int | None = None) -> None:
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}.")
         if candidates < 1:
@@ -284,7 +284,7 @@ class StoreRetriever(IMRNNRetriever):
     same encoder and checkpoint (else a StoreError naming `imrnn index --reproject`). Close it (or use `with`)."""
 
     def __init__(self, checkpoint: Checkpoint, store: VectorStore, device: str = "cpu", candidates: int = 100,
-                 batch_size: int = 64, checkpoint_path: str = "", cache_dir: str | Path | None = None) -> None:
+                 batch_size: int | None = None, checkpoint_path: str = "", cache_dir: str | Path | None = None) -> None:
         super().__init__(checkpoint, device, candidates, "exact", cache_dir, batch_size)
         self.store = store
         self.identity = AdapterIdentity.of(self.model, self.encoder, checkpoint_path)

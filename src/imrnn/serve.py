@@ -143,7 +143,7 @@ class Service:
     @classmethod
     def open(cls, checkpoint: str | Path, dataset: str | Path | None = None, *, candidates: int = 100,
              vocabulary: str = "encoder", data_dir: str | Path | None = None, cache_dir: str | Path | None = None,
-             download: bool = True, device: str = "cpu", batch_size: int = 64, progress: bool = True) -> "Service":
+             download: bool = True, device: str = "cpu", batch_size: int | None = None, progress: bool = True) -> "Service":
         """Load a checkpoint once; with `dataset`, also index its corpus (embeddings come from the cache)."""
         from .workflow import Workspace
 

@@ -54,7 +54,7 @@ class Workspace:
     @classmethod
     def open(cls, dataset: str | Path | Dataset, encoder: Encoder | EncoderConfig | None = None, k: int = 100,
              backend: str = "exact", data_dir: str | Path | None = None, cache_dir: str | Path | None = None,
-             download: bool = True, drop_unknown: bool = False, device: str = "cpu", batch_size: int = 64,
+             download: bool = True, drop_unknown: bool = False, device: str = "cpu", batch_size: int | None = None,
              progress: bool = True, log: Callable[[str], None] = lambda _: None) -> "Workspace":
         """Load (or download) the dataset and embed its corpus, reusing the embedding cache; `log` hears which
         encoding path is used (what `precision="auto"` chose) once the inputs are known to be valid."""
