@@ -162,7 +162,8 @@ def test_no_underscore_imports_across_modules_and_inference_never_imports_traini
         text = path.read_text()
         assert not re.search(r"from \.+[\w.]* import [^\n]*\b_[a-z]", text), f"{path} imports a private name"
         assert "locals()" not in text and "__signature__" not in text, path
-    inference = ["retriever.py", "model.py", "scoring.py", "index.py", "encode.py", "checkpoint.py", "explain"]
+    inference = ["retriever.py", "model.py", "scoring.py", "index.py", "encode.py", "checkpoint.py", "workspace.py",
+                 "serve.py", "explain", "store", "integrations"]
     for name in inference:
         for path in ([src / name] if name.endswith(".py") else list((src / name).rglob("*.py"))):
             assert not re.search(r"from \.+(train|workflow|resume) import|import imrnn\.train", path.read_text()), path

@@ -17,7 +17,7 @@ _EXPORTS = {
     "TrainConfig": "config",
     "EvaluationReport": "workflow",
     "SplitPlan": "workflow",
-    "Workspace": "workflow",
+    "Workspace": "workspace",
     "evaluate_run": "evaluate",
     "load_checkpoint": "checkpoint",
     "load_dataset": "data",

@@ -122,7 +122,7 @@ def search(**params: Any) -> None:
     from .data import load_dataset
     from .encode import encode_queries
     from .evaluate import hits_to_run, write_run
-    from .workflow import Workspace
+    from .workspace import Workspace
 
     start, output, k = time.perf_counter(), params["output"], params["k"]
     if params["store"] is not None or params["checkpoint"] is not None:
@@ -545,7 +545,7 @@ def explain(checkpoint: Path, dataset: str | None, split: str, query_id: str | N
             ids, texts = read_documents(documents)
             result = explainer.explain(query, ids, texts, top=top, concepts=concepts, doc_words=doc_words, k=k)
         else:
-            from .workflow import Workspace
+            from .workspace import Workspace
 
             workspace = Workspace.open(dataset, explainer.encoder, k, data_dir=data_dir, cache_dir=cache_dir,
                                        download=not no_download)

@@ -145,7 +145,7 @@ class Service:
              vocabulary: str = "encoder", data_dir: str | Path | None = None, cache_dir: str | Path | None = None,
              download: bool = True, device: str = "cpu", batch_size: int | None = None, progress: bool = True) -> "Service":
         """Load a checkpoint once; with `dataset`, also index its corpus (embeddings come from the cache)."""
-        from .workflow import Workspace
+        from .workspace import Workspace
 
         retriever = IMRNNRetriever.from_pretrained(checkpoint, device, candidates=candidates, cache_dir=cache_dir,
                                                    batch_size=batch_size)
