@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from imrnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -28,7 +29,7 @@ def trained(tmp_path_factory, write_tiny_beir):
     cache = root / "cache"
     ckpt = root / "ckpt"
     result = runner.invoke(app, ["train", "--dataset", str(data), "--output", str(ckpt), "--cache-dir", str(cache),
-                                 "--epochs", "2", "--seed", "3", "--validation-fraction", "0.3"])
+                                 "--epochs", "2", "--seed", "3", "--validation-fraction", "0.3", "--min-queries", "0", "--always-keep"])
     assert result.exit_code == 0, result.output
     return data, cache, ckpt
 
@@ -41,6 +42,27 @@ def test_train_writes_a_complete_checkpoint(trained):
     assert payload["train_config"]["epochs"] == 2 and payload["data"]["dataset"] == "tiny"
     assert payload["metrics"]["test"]["queries"] == 4
     assert load_checkpoint(ckpt, expected_dim=384).model_config.embedding_dim == 384
+    recipe = payload["recipe"]  # every selection is recorded: the tuned feedback and whether anything was trained
+    assert recipe["trained"] is True and recipe["judged_queries"] == 4
+    assert set(recipe["feedback"]) >= {"beta", "m", "queries", "nDCG@10"} and recipe["feedback"]["queries"] == 4
+
+
+def test_too_few_queries_train_nothing_and_say_so(trained, tmp_path):
+    """Under `min_queries` judged training + validation queries (default 30) the checkpoint is the tuned feedback
+    (or the frozen retriever), never an adapter fitted to a handful of queries; the output and the checkpoint say so."""
+    data, cache, _ = trained
+    result = runner.invoke(app, ["train", "--dataset", str(data), "--output", str(tmp_path / "c"), "--cache-dir", str(cache),
+                                 "--validation-fraction", "0.3"])
+    assert result.exit_code == 0, result.output
+    assert "no trained adapter: 4 judged training and validation queries, fewer than 30" in result.output
+    payload = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert payload["recipe"]["trained"] is False and "cannot be trusted" in payload["recipe"]["reason"]
+    model = load_checkpoint(tmp_path / "c").model
+    assert model.config.feedback_weight == payload["recipe"]["feedback"]["beta"]
+    untrained = IMRNN(model.config)
+    for name, tensor in untrained.state_dict().items():  # identity heads: exactly the feedback, nothing learned
+        if name.endswith("out.weight") or name.endswith("out.bias") or name == "projection.weight":
+            torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0)
 
 
 def test_evaluate_checkpoint_json_has_side_by_side_report(trained, tmp_path):

@@ -10,6 +10,7 @@ from typing import Any
 from .errors import ConfigError
 
 LOSSES = ("listwise", "margin")
+GATE_RULES = ("abstain", "one-standard-error", "best")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -63,6 +64,8 @@ class IMRNNConfig:
     use_doc_adapter: bool = setting(True, "Use the document adapter A_d (--no-doc-adapter: ablation).",
                                     flag="--doc-adapter/--no-doc-adapter")
     feedback_docs: int = setting(5, "Top-m candidates the document adapter reads (feedback size).")
+    feedback_weight: float = setting(0.0, "Rocchio weight beta: the refined query starts as norm(q + beta * mean of the "
+                                          "top-m candidates); training tunes it on its queries.", cli=False)
     iterations: int = setting(1, "Modulate/refine rounds (the refined query conditions the documents again).")
     memory_size: int = setting(0, "Training queries kept for the novelty gate.", cli=False)  # set by calibration
     gate_threshold: float | None = setting(None, "Novelty-gate threshold.", cli=False)  # set by calibration
@@ -88,6 +91,8 @@ class IMRNNConfig:
             raise ConfigError(f"feedback_docs (m) must be at least 1, got {self.feedback_docs}.")
         if self.iterations < 1:
             raise ConfigError(f"iterations must be at least 1, got {self.iterations}.")
+        if not (math.isfinite(self.feedback_weight) and self.feedback_weight >= 0):
+            raise ConfigError(f"feedback_weight (Rocchio beta) must be a finite number >= 0, got {self.feedback_weight}.")
 
     @property
     def dim(self) -> int:
@@ -124,6 +129,17 @@ class TrainConfig:
     patience: int = setting(6, "Stop after this many epochs without a better validation nDCG@10.")
     novelty_gate: bool = setting(True, "Calibrate the novelty gate on validation (--no-novelty-gate: always the adapted score).",
                                  flag="--novelty-gate/--no-novelty-gate")
+    gate_rule: str = setting("abstain", "How validation chooses the gate: abstain (a gate only if it beats no gate by more "
+                                        "than one standard error), one-standard-error (the most conservative within one "
+                                        "SE of the best) or best.")
+    feedback: bool = setting(True, "Start from Rocchio feedback tuned on the training and validation queries "
+                                   "(--no-feedback: from the frozen retriever).", flag="--feedback/--no-feedback")
+    keep_only_if_better: bool = setting(True, "Keep the trained adapter only if it beats its starting point (the tuned "
+                                              "feedback) on validation by more than one standard error "
+                                              "(--always-keep: keep it whenever it trained).",
+                                        flag="--keep-only-if-better/--always-keep")
+    min_queries: int = setting(30, "Fewer judged training + validation queries than this: train nothing, use the "
+                                   "non-learned feedback (or the frozen retriever) and say so.")
     seed: int = setting(42, "Seed for initialisation, shuffling and the validation carve-out.")
 
     def __post_init__(self) -> None:
@@ -139,6 +155,10 @@ class TrainConfig:
             raise ConfigError("lr, temperature, margin and weight_decay must be finite numbers (not NaN or Inf).")
         if self.lr <= 0 or self.temperature <= 0 or self.margin < 0 or self.weight_decay < 0:
             raise ConfigError("lr and temperature must be > 0; margin and weight_decay >= 0.")
+        if self.gate_rule not in GATE_RULES:
+            raise ConfigError(f"gate_rule must be one of {GATE_RULES}, got {self.gate_rule!r}.")
+        if self.min_queries < 0:
+            raise ConfigError(f"min_queries must be >= 0, got {self.min_queries}.")
         if not 0.0 < self.validation_fraction < 1.0:
             raise ConfigError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}.")
 

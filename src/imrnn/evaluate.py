@@ -76,6 +76,13 @@ def evaluate_run(run: Run, qrels: Qrels, measures: Sequence[str] = DEFAULT_MEASU
     return {m: float(v.mean()) if len(v) else float("nan") for m, v in values.items()}
 
 
+def clearly_better(candidate: np.ndarray, reference: np.ndarray) -> bool:
+    """Whether per-query values `candidate` beat `reference` on average by more than one paired standard error
+    (never with fewer than two queries): the test every "abstain when validation cannot tell" choice uses."""
+    diff = np.asarray(candidate, np.float64) - np.asarray(reference, np.float64)
+    return len(diff) > 1 and float(diff.mean()) > float(diff.std(ddof=1) / np.sqrt(len(diff)))
+
+
 def paired_test(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed: int = 0) -> dict[str, float]:
     """Paired two-sided tests of mean(b - a): Student's t-test and a sign-flip randomisation test."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)

@@ -190,11 +190,16 @@ class IMRNN(nn.Module):
         return self._refine_from_feedback(query, feedback, mask.gather(1, top))
 
     def _refine_from_feedback(self, query: torch.Tensor, feedback: torch.Tensor, valid_mask: torch.Tensor) -> torch.Tensor:
-        """Average the document adapter's transforms over the valid feedback documents and apply them to the query."""
+        """Average the document adapter's transforms over the valid feedback documents and apply them to the query,
+        plus the Rocchio term beta * mean(feedback): untrained (identity heads), this is exactly Rocchio feedback."""
         valid = valid_mask.unsqueeze(-1).to(feedback.dtype)
-        mean_scale, mean_shift = self.doc_adapter.averaged(feedback, valid / valid.sum(1, keepdim=True).clamp(min=1.0))
+        weights = valid / valid.sum(1, keepdim=True).clamp(min=1.0)
+        mean_scale, mean_shift = self.doc_adapter.averaged(feedback, weights)
         mean_scale = mean_scale + (1.0 - valid.amax(1))  # no valid feedback -> scale 1
-        return F.normalize(query * mean_scale + mean_shift, dim=-1)
+        refined = query * mean_scale + mean_shift
+        if self.config.feedback_weight:
+            refined = refined + self.config.feedback_weight * (feedback * weights).sum(1)
+        return F.normalize(refined, dim=-1)
 
     @torch.inference_mode()
     def score_embeddings(self, queries: torch.Tensor, candidates: torch.Tensor,

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import IMRNNConfig, TrainConfig
+from .config import GATE_RULES, IMRNNConfig, TrainConfig
 from .candidates import RankingSet
-from .evaluate import evaluate_run, hits_to_run, per_query
+from .evaluate import clearly_better, evaluate_run, hits_to_run, per_query
 from .model import IMRNN
 from .scoring import blend, frozen_scores, nearest_similarity, novelty_gate, score_candidates
 from .resume import TrainState, capture_rng, clear_state, load_state, restore_rng, save_state, training_key
@@ -29,6 +29,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     gate: dict | None = None
+    recipe: dict = field(default_factory=dict)  # what was selected on which queries (feedback, training or not)
 
 
 def seed_everything(seed: int) -> None:
@@ -41,6 +42,23 @@ def validation_ndcg(model: IMRNN, data: RankingSet, doc_embs: torch.Tensor, doc_
     scores = score_candidates(model, data.query_embs, doc_embs, data.candidates)
     run = hits_to_run(data.query_ids, doc_ids, data.candidates, scores)
     return evaluate_run(run, data.qrels, ["nDCG@10"])["nDCG@10"]
+
+
+def keep_if_clearly_better(trained: IMRNN, start: IMRNN, validation: RankingSet, doc_embs: np.ndarray | torch.Tensor,
+                           doc_ids: np.ndarray) -> tuple[IMRNN, dict]:
+    """The trained model if it is clearly better than its untrained starting point (the tuned feedback, or the
+    frozen retriever) on validation, else the starting point: training never makes things worse where validation
+    cannot show it helps (few or noisy validation queries)."""
+    def ndcg(model: IMRNN) -> np.ndarray:
+        scores = score_candidates(model, validation.query_embs, doc_embs, validation.candidates)
+        run = hits_to_run(validation.query_ids, doc_ids, validation.candidates, scores)
+        return per_query(run, validation.qrels, ["nDCG@10"])["nDCG@10"]
+
+    trained_values, start_values = ndcg(trained), ndcg(start)
+    keep = clearly_better(trained_values, start_values)
+    report = {"kept": keep, "rule": "trained only if better than its starting point by more than one standard error",
+              "validation_nDCG@10": {"trained": float(trained_values.mean()), "start": float(start_values.mean())}}
+    return (trained if keep else start), report
 
 
 def _loss(config: TrainConfig, scores: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
@@ -140,7 +158,7 @@ def train_adapter(
     model.eval()
     gate = None
     if config.novelty_gate:
-        model, gate = calibrate_gate(model, train_set.query_embs, validation_set, docs, doc_ids)
+        model, gate = calibrate_gate(model, train_set.query_embs, validation_set, docs, doc_ids, config.gate_rule)
     return TrainResult(model, best_epoch, best_score, history, time.perf_counter() - start, gate)
 
 
@@ -148,15 +166,19 @@ GATE_THRESHOLDS = tuple(round(0.30 + 0.05 * i, 2) for i in range(14))  # 0.30 ..
 
 
 def calibrate_gate(model: IMRNN, memory: np.ndarray, validation: RankingSet, doc_embs: torch.Tensor, doc_ids: np.ndarray,
-                   thresholds: Sequence[float] = GATE_THRESHOLDS) -> tuple[IMRNN, dict]:
-    """Choose the novelty-gate threshold on validation nDCG@10 by the one-standard-error rule.
+                   rule: str = "abstain", thresholds: Sequence[float] = GATE_THRESHOLDS) -> tuple[IMRNN, dict]:
+    """Choose the novelty-gate threshold (or no gate) on validation nDCG@10 by `rule`.
 
-    Queries close to a training query keep the adapted score, novel ones fall back towards the frozen
-    retriever: adapters gain most where training saw related queries and can hurt elsewhere. Among "no gate"
-    and the thresholds, the most conservative (highest) one whose mean validation nDCG@10 is within one
-    standard error (paired, per query) of the best is kept: a small validation set cannot tell them apart,
-    and the conservative choice protects queries unlike any training query.
+    Queries close to a training query keep the adapted score, novel ones fall back towards the frozen retriever.
+    Rules, given the per-query validation nDCG@10 of "no gate" and of each threshold:
+    * `abstain`: the best threshold, but only if it beats "no gate" by more than one paired standard error; when
+      validation cannot tell them apart, no gate (a small validation set then never switches the adapter off);
+    * `one-standard-error`: the most conservative (highest) threshold within one paired standard error of the best
+      option (the rule of earlier versions: with few validation queries it always picks the most conservative);
+    * `best`: the best mean, no gate on ties.
     """
+    if rule not in GATE_RULES:
+        raise ValueError(f"gate rule must be one of {GATE_RULES}, got {rule!r}")
     adapted = torch.from_numpy(score_candidates(model, validation.query_embs, doc_embs, validation.candidates))
     base = torch.from_numpy(frozen_scores(validation.query_embs, np.asarray(doc_embs), validation.candidates))
     queries = torch.from_numpy(np.array(validation.query_embs, dtype=np.float32))
@@ -170,13 +192,15 @@ def calibrate_gate(model: IMRNN, memory: np.ndarray, validation: RankingSet, doc
     per_option: dict[str, np.ndarray] = {"none": ndcg(adapted)}
     for threshold in thresholds:
         per_option[str(threshold)] = ndcg(blend(novelty_gate(nearest, threshold, width), adapted, base))
-    best = max(per_option, key=lambda name: per_option[name].mean())
+    best = max(per_option, key=lambda name: per_option[name].mean())  # the first (no gate) on ties
     chosen = best
-    for name, values in per_option.items():  # ordered from least to most conservative
-        diff = per_option[best] - values
-        if len(diff) > 1 and diff.mean() <= diff.std(ddof=1) / np.sqrt(len(diff)) + 1e-12:
-            chosen = name
-    report = {"threshold": None if chosen == "none" else float(chosen), "width": width, "rule": "one standard error",
+    if rule == "one-standard-error":
+        for name, values in per_option.items():  # ordered from least to most conservative
+            if not clearly_better(per_option[best], values):
+                chosen = name
+    elif rule == "abstain" and best != "none" and not clearly_better(per_option[best], per_option["none"]):
+        chosen = "none"
+    report = {"threshold": None if chosen == "none" else float(chosen), "width": width, "rule": rule,
               "validation_nDCG@10": {name: float(v.mean()) for name, v in per_option.items()}}
     if chosen == "none":
         return model, report

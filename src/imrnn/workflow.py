@@ -14,6 +14,7 @@ folds (`imrnn run --folds`); `benchmarks/method.py` calls the same functions.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,15 +26,17 @@ from .checkpoint import Checkpoint, save_checkpoint
 from .config import IMRNNConfig, TrainConfig
 from .data import Dataset, Qrels, QuerySet, carve_validation, default_cache_dir, kfold, random_splits
 from .errors import ConfigError
-from .evaluate import Run, hits_to_run, paired_test, per_query
+from .evaluate import Run, evaluated_queries, hits_to_run, paired_test, per_query
+from .feedback import feedback_ndcg, tune_feedback
 from .files import atomic_write_json
 from .model import IMRNN
 from .workspace import Workspace
 from .resume import discard_state, has_state
 from .scoring import score_candidates, sort_by_score
-from .train import TrainResult, train_adapter
+from .train import TrainResult, keep_if_clearly_better, train_adapter
 
 REPORT_MEASURES = ("nDCG@10", "R@10", "RR@10", "R@100")
+TRUSTED_QUERIES = 50  # fewer judged training + validation queries: the recipe warns that its figures are unreliable
 _UNTESTED = ("R@100",)  # the first-stage ceiling: identical for base and adapted by construction
 
 
@@ -143,13 +146,32 @@ class EvaluationReport:
 def train(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig = TrainConfig(),
           model_config: IMRNNConfig | None = None, device: str = "cpu", progress: bool = True,
           state_dir: Path | None = None, resume: bool = False) -> TrainResult:
-    """Train adapters on `plan.train`, early-stopping on `plan.validation` (resumable with `state_dir`).
-
-    `model_config` defaults to the default architecture; its embedding dimension is always the workspace's."""
+    """The default recipe on `plan`: tune Rocchio feedback on the training and validation queries (the adapters'
+    starting point), then train adapters on `plan.train`, early-stopping on `plan.validation` (resumable with
+    `state_dir`) and choosing the novelty gate there. With fewer than `train_config.min_queries` judged training and
+    validation queries nothing is trained, and a trained adapter not clearly better than its starting point on
+    validation (by one paired standard error) is dropped: the result is then the tuned feedback alone (the frozen
+    retriever when feedback does not help), and `recipe["trained"]` and `recipe["reason"]` say so. `model_config` defaults to the default architecture; its
+    embedding dimension is always the workspace's."""
     if plan.train is None or plan.validation is None:
         raise ConfigError("This split plan has no training or validation queries; build one with SplitPlan.official or .kfold.")
+    start = time.perf_counter()
     model_config = dataclasses.replace(model_config or IMRNNConfig(), embedding_dim=workspace.dimension)
-    train_set = workspace.ranking(plan.train, train_config.max_added_positives)
+    doc_ids = workspace.dataset.corpus.ids
+    plain_train, validation_set = workspace.ranking(plan.train), workspace.ranking(plan.validation)
+    judged = len(evaluated_queries(plan.train.qrels)) + len(evaluated_queries(plan.validation.qrels))
+    recipe: dict[str, Any] = {"judged_queries": judged, "min_queries": train_config.min_queries}
+    if train_config.feedback:
+        model_config, recipe["feedback"] = tune_feedback(model_config, [plain_train, validation_set], workspace.doc_embs, doc_ids)
+    if judged < train_config.min_queries:
+        model = IMRNN(model_config).eval()
+        recipe["trained"] = False
+        recipe["reason"] = (f"{judged} judged training and validation queries, fewer than {train_config.min_queries}: "
+                            "an adapter cannot be trusted here, so nothing was trained")
+        score = float(feedback_ndcg(model_config, [validation_set], workspace.doc_embs, doc_ids).mean())
+        return TrainResult(model, 0, score, [{"epoch": 0, "loss": None, "val_nDCG@10": score}],
+                           time.perf_counter() - start, None, recipe)
+    train_set = workspace.ranking(plan.train, train_config.max_added_positives) if train_config.max_added_positives else plain_train
     if train_config.bm25_negatives:
         from .negatives import bm25_negatives, relevance_matrix
 
@@ -157,8 +179,22 @@ def train(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig = Tra
         relevance = relevance_matrix(plan.train.ids, plan.train.qrels, corpus.ids)
         extra = bm25_negatives(corpus.passages(), plan.train.texts, relevance, train_config.bm25_negatives)
         train_set = ranking_set(plan.train.ids, train_set.query_embs, train_set.candidates, plan.train.qrels, corpus.ids, 0, extra)
-    return train_adapter(model_config, train_config, workspace.doc_embs, workspace.dataset.corpus.ids, train_set,
-                         workspace.ranking(plan.validation), device=device, progress=progress, state_dir=state_dir, resume=resume)
+    result = train_adapter(model_config, train_config, workspace.doc_embs, doc_ids, train_set, validation_set,
+                           device=device, progress=progress, state_dir=state_dir, resume=resume)
+    recipe["trained"] = True
+    if train_config.keep_only_if_better:
+        result.model, recipe["acceptance"] = keep_if_clearly_better(result.model, IMRNN(model_config).eval(), validation_set,
+                                                                    workspace.doc_embs, doc_ids)
+        if not recipe["acceptance"]["kept"]:
+            recipe["trained"], result.gate = False, None
+            recipe["reason"] = ("the trained adapter was not better than its starting point on validation by more than "
+                                "one standard error, so the starting point is kept")
+    if judged < TRUSTED_QUERIES:
+        recipe["warning"] = (f"only {judged} judged training and validation queries: validation this small cannot show "
+                             "small effects, so treat the adapter's gains here as unreliable")
+    result.recipe = recipe
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 def evaluate(model: IMRNN, workspace: Workspace, plan: SplitPlan) -> EvaluationReport:
@@ -197,6 +233,7 @@ def checkpoint(trained: TrainResult, workspace: Workspace, plan: SplitPlan, trai
         },
         "seed": train_config.seed,
         "novelty_gate": trained.gate,
+        "recipe": trained.recipe,
         "training": {"best_epoch": trained.best_epoch, "seconds": round(trained.seconds, 2), "history": trained.history,
                      "parameters": trained.model.num_parameters()},
         "metrics": {"validation": {"nDCG@10": trained.best_validation}, "test": report.to_dict() if report else None},
@@ -236,6 +273,15 @@ def _fit(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig, model
     if state_dir is not None and not resume and has_state(state_dir):
         log(f"found the state of an interrupted training in {state_dir}; starting over (pass --resume to continue it)")
     trained = train(workspace, plan, train_config, model_config, device, progress, state_dir, resume)
+    feedback = trained.recipe.get("feedback")
+    if feedback is not None:
+        log(f"feedback tuned on {feedback['queries']} training and validation queries: beta {feedback['beta']}, m {feedback['m']} "
+            f"(nDCG@10 {feedback['nDCG@10']['frozen']:.4f} frozen -> {feedback['nDCG@10']['chosen']:.4f})")
+    if trained.recipe.get("warning"):
+        log(f"warning: {trained.recipe['warning']}")
+    if not trained.recipe.get("trained", True):
+        log(f"no trained adapter: {trained.recipe['reason']}")
+        return trained
     gate = (trained.gate or {}).get("threshold")
     log(f"trained in {trained.seconds:.1f}s; best epoch {trained.best_epoch}, validation nDCG@10 {trained.best_validation:.4f}; "
         f"novelty gate threshold {gate if gate is not None else 'none'}")

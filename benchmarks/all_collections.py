@@ -1,0 +1,280 @@
+"""One protocol over every collection: the default recipe against the re-rankers a user would pick instead.
+
+Usage (from the repository root, after the README's install command):
+    python benchmarks/all_collections.py                      # all eight collections of ../shared/datasets
+    python benchmarks/all_collections.py --datasets cisi cacm
+
+Per collection: the official train / validation (dev, else 15 % carved from train) / test splits where a train split
+exists, else 5-fold cross-validation over its queries (validation carved from the training folds; the union of the
+test folds is reported). Every system re-ranks the same frozen top-100 and is tuned on the same non-test queries:
+* `Rocchio`: non-learned feedback, beta and m tuned on the training and validation queries (benchmarks/baselines.py);
+* `linear adapter`: q' = W q (LlamaIndex / OpenAI cookbook), learning rate and epoch chosen on validation;
+* `default recipe`: `imrnn.workflow.train` with the default `TrainConfig`, exactly what `imrnn run` does; the other
+  rows (`VARIANTS`) are the same call with one design choice changed, and the previous default. Validation columns are what the recipe
+was chosen on (README "How the default recipe was chosen"); test columns are reported, never used to choose.
+Writes benchmarks/results/collections.json and prints markdown tables for RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from datetime import date
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from baselines import linear_adapter, rocchio
+from imrnn.config import EncoderConfig, TrainConfig
+from imrnn.data import load_dataset
+from imrnn.evaluate import Run, clearly_better, evaluate_run, hits_to_run, per_query
+from imrnn.model import IMRNN
+from imrnn.scoring import score_candidates, sort_by_score
+from imrnn.train import GATE_THRESHOLDS, validation_ndcg
+from imrnn.workflow import Comparison, SplitPlan, Workspace, train
+
+HERE = Path(__file__).resolve().parent
+DATA_DIR = os.environ.get("IMRNN_DATA_DIR", str(HERE.parent.parent / "shared" / "datasets"))
+COLLECTIONS = ("scifact", "nfcorpus", "cranfield", "cisi", "npl", "cacm", "lisa", "med")
+DEFAULT_NAME = "default recipe"
+BASELINES = ("Rocchio", "linear adapter")
+
+
+def plans_for(name: str, seed: int, validation_fraction: float) -> tuple[list[SplitPlan], str]:
+    """The official splits where the collection has a train split, else 5-fold cross-validation over its queries."""
+    data = load_dataset(name, DATA_DIR, None, download=False)
+    if "train" in data.splits:
+        return [SplitPlan.official(data, seed=seed)], "official splits"
+    return SplitPlan.kfold(data.split("test"), 5, validation_fraction, seed=seed), "5-fold CV"
+
+
+def adapted_run(workspace: Workspace, model: IMRNN, data) -> Run:
+    order, scores = sort_by_score(data.candidates, score_candidates(model, data.query_embs, workspace.doc_embs, data.candidates))
+    return hits_to_run(data.query_ids, workspace.dataset.corpus.ids, order, scores)
+
+
+VARIANTS: dict[str, dict] = {  # TrainConfig changes from the recipe under test: its ablations and the previous default
+    DEFAULT_NAME: {},
+    "without gate": {"novelty_gate": False},
+    "without feedback": {"feedback": False},
+    "acceptance test switched": {"keep_only_if_better": not TrainConfig().keep_only_if_better},
+    "no few-query fallback": {"min_queries": 0},
+    "previous default": {"feedback": False, "gate_rule": "one-standard-error", "keep_only_if_better": False, "min_queries": 0},
+}
+
+
+def recipe_variants(workspace: Workspace, plan: SplitPlan, recipe: TrainConfig, variants: Sequence[str]) -> dict[str, tuple[Run, float, float]]:
+    """{variant: (test run, validation nDCG@10 of the final model, train seconds)}: `imrnn.workflow.train` with the
+    recipe (exactly what `imrnn run` does with it) and with each change in `VARIANTS`."""
+    validation, test = workspace.ranking(plan.validation), workspace.ranking(plan.test)
+    out: dict[str, tuple[Run, float, float]] = {}
+    for name in variants:
+        fit = train(workspace, plan, dataclasses.replace(recipe, **VARIANTS[name]), progress=False)
+        value = validation_ndcg(fit.model, validation, workspace.doc_embs, workspace.dataset.corpus.ids)
+        out[name] = (adapted_run(workspace, fit.model, test), value, fit.seconds)
+    return out
+
+
+GATE_RULES = ("none", "abstain", "one-standard-error", "best")
+
+
+def option_values(workspace: Workspace, plan: SplitPlan, config: TrainConfig) -> dict[str, np.ndarray]:
+    """Per-query validation nDCG@10 of every model a decision rule can end with, for one training under `config`:
+    the untrained starting point, the trained adapter, and the trained adapter behind each novelty-gate threshold."""
+    validation, memory = workspace.ranking(plan.validation), workspace.ranking(plan.train).query_embs
+    fit = train(workspace, plan, dataclasses.replace(config, novelty_gate=False, keep_only_if_better=False, min_queries=0),
+                progress=False)
+
+    def values(model: IMRNN) -> np.ndarray:
+        scores = score_candidates(model, validation.query_embs, workspace.doc_embs, validation.candidates)
+        return per_query(hits_to_run(validation.query_ids, workspace.dataset.corpus.ids, validation.candidates, scores),
+                         validation.qrels, ["nDCG@10"])["nDCG@10"]
+
+    out = {"start": values(IMRNN(fit.model.config).eval()), "none": values(fit.model)}
+    for threshold in GATE_THRESHOLDS:
+        out[str(threshold)] = values(fit.model.with_gate(torch.from_numpy(np.asarray(memory, np.float32)), threshold))
+    return out
+
+
+def decide(values: dict[str, np.ndarray], rows: np.ndarray, gate_rule: str, keep_only_if_better: bool) -> str:
+    """The option `train` ends with when it decides on the validation queries `rows` (mirrors `calibrate_gate` and
+    `keep_if_clearly_better`): the gate by `gate_rule`, then the starting point unless the result is clearly better."""
+    trained = [name for name in values if name != "start"]  # "none" first, then the thresholds, least conservative first
+    sub = {name: values[name][rows] for name in values}
+    best = max(trained, key=lambda name: sub[name].mean())
+    chosen = "none"
+    if gate_rule == "best":
+        chosen = best
+    elif gate_rule == "abstain" and best != "none" and clearly_better(sub[best], sub["none"]):
+        chosen = best
+    elif gate_rule == "one-standard-error":
+        chosen = best
+        for name in trained:
+            if not clearly_better(sub[best], sub[name]):
+                chosen = name
+    if keep_only_if_better and not clearly_better(sub[chosen], sub["start"]):
+        return "start"
+    return chosen
+
+
+def nested_validation(workspace: Workspace, plan: SplitPlan, recipe: TrainConfig, seed: int) -> dict[str, float]:
+    """Each decision rule judged without test data: the validation queries are split in two seeded halves, the rule
+    decides on one half and is scored on the other, both ways (2-fold cross-validation inside validation).
+    Keys: "feedback|gate rule|acceptance" (feedback on or off at the start of training)."""
+    out: dict[str, float] = {}
+    for feedback in (True, False):
+        values = option_values(workspace, plan, dataclasses.replace(recipe, feedback=feedback))
+        order = np.random.default_rng(seed).permutation(len(values["start"]))
+        halves = (order[: len(order) // 2], order[len(order) // 2 :])
+        for rule in GATE_RULES:
+            for accept in (False, True):
+                scored = [values[decide(values, mine, rule, accept)][other] for mine, other in (halves, halves[::-1])]
+                out[f"{'feedback' if feedback else 'no feedback'}|gate {rule}|{'accept test' if accept else 'always keep'}"] = \
+                    float(np.concatenate(scored).mean())
+    out["base"] = float(values["start"].mean())  # the last training started from the frozen retriever
+    return out
+
+
+def weighted_mean(pairs: Sequence[tuple[float, int]]) -> float:
+    """The mean over folds of (value, queries) pairs, weighted by queries: the mean over all their queries."""
+    values, weights = zip(*pairs)
+    return float(np.average(values, weights=weights))
+
+
+def run_collection(name: str, recipe: TrainConfig, variants: Sequence[str], nested: bool) -> dict:
+    """Every system on one collection: per-system union comparison vs base, validation means, seconds."""
+    plans, protocol = plans_for(name, recipe.seed, recipe.validation_fraction)
+    workspace = Workspace.open(load_dataset(name, DATA_DIR, None, download=False), EncoderConfig(precision="fp32"), k=100,
+                               progress=False)
+    runs: dict[str, Run] = {"base": {}}
+    validation: dict[str, list[tuple[float, int]]] = {"base": []}
+    seconds: dict[str, float] = {}
+    choices: list[dict] = []
+    qrels, unseen = {}, []
+    decisions: dict[str, list[tuple[float, int]]] = {}
+    for plan in plans:
+        val_data, test_data = workspace.ranking(plan.validation), workspace.ranking(plan.test)
+        n_val = len(val_data.query_ids)
+        runs["base"].update(hits_to_run(test_data.query_ids, workspace.dataset.corpus.ids, test_data.candidates,
+                                        workspace.frozen_scores(test_data)))
+        base_val = hits_to_run(val_data.query_ids, workspace.dataset.corpus.ids, val_data.candidates, workspace.frozen_scores(val_data))
+        validation["base"].append((evaluate_run(base_val, val_data.qrels, ["nDCG@10"])["nDCG@10"], n_val))
+        qrels.update(plan.test.qrels)
+        unseen += plan.unseen_relevant(plan.test)
+        systems: dict[str, tuple[Run, float, float]] = {}
+        start = time.perf_counter()
+        run, report = rocchio(workspace, plan)
+        systems["Rocchio"] = (run, report["validation_nDCG@10"], time.perf_counter() - start)
+        start = time.perf_counter()
+        run, linear = linear_adapter(workspace, plan, seed=recipe.seed)
+        systems["linear adapter"] = (run, linear["validation_nDCG@10"], time.perf_counter() - start)
+        systems.update(recipe_variants(workspace, plan, recipe, variants))
+        if nested:
+            for key, value in nested_validation(workspace, plan, recipe, recipe.seed).items():
+                decisions.setdefault(key, []).append((value, n_val))
+        choices.append({"rocchio": {k: report[k] for k in ("beta", "m")}, "linear": {k: linear[k] for k in ("lr", "best_epoch")}})
+        for system, (run, value, secs) in systems.items():
+            runs.setdefault(system, {}).update(run)
+            validation.setdefault(system, []).append((value, n_val))
+            seconds[system] = seconds.get(system, 0.0) + secs
+    out = {"protocol": protocol, "queries": len(qrels), "folds": choices, "systems": {},
+           "nested_validation": {key: weighted_mean(pairs) for key, pairs in decisions.items()}}
+    for system, run in runs.items():
+        overall = Comparison.of_runs(runs["base"], run, qrels)
+        subset = {q: qrels[q] for q in unseen}
+        unseen_cmp = Comparison.of_runs(runs["base"], run, subset) if subset else None
+        out["systems"][system] = {
+            "test": dataclasses.asdict(overall),
+            "unseen_relevant": None if unseen_cmp is None else {"queries": unseen_cmp.queries, "base": unseen_cmp.base["nDCG@10"],
+                                                                "adapted": unseen_cmp.adapted["nDCG@10"]},
+            "validation_nDCG@10": weighted_mean(validation[system]),
+            "train_seconds": round(seconds.get(system, 0.0), 1),
+        }
+    return out
+
+
+def relative(system: dict, base: float) -> float:
+    return system["test"]["adapted"]["nDCG@10"] / base - 1.0
+
+
+def tables(results: dict) -> str:
+    """The per-collection table and the summary over collections, as markdown."""
+    lines = ["| collection (protocol, queries) | system | validation nDCG@10 | test nDCG@10 | rel. gain | paired t p "
+             "| improved/worsened | unseen-relevant (queries) | train s |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    shown = [name for name in next(iter(results["collections"].values()))["systems"]]
+    for name, res in results["collections"].items():
+        base = res["systems"]["base"]["test"]["adapted"]["nDCG@10"]
+        for system in shown:
+            s = res["systems"][system]
+            t, u = s["test"], s["unseen_relevant"]
+            unseen = "–" if u is None else f"{u['adapted']:.4f} ({u['queries']})"
+            p = "–" if system == "base" else f"{t['p_value']['nDCG@10']:.1e}"
+            wl = "–" if system == "base" else f"{t['improved']}/{t['worsened']}"
+            label = f"{name} ({res['protocol']}, {res['queries']})" if system == "base" else ""
+            lines.append(f"| {label} | {system} | {s['validation_nDCG@10']:.4f} | {t['adapted']['nDCG@10']:.4f} | "
+                         f"{relative(s, base):+.1%} | {p} | {wl} | {unseen} | {s['train_seconds']:.0f} |")
+    lines += ["", "| system | mean rel. gain (test) | median | collections beaten by the default recipe "
+              "| mean rel. gain (validation) |", "|---|---:|---:|---:|---:|"]
+    names = list(results["collections"])
+    systems = list(next(iter(results["collections"].values()))["systems"])
+    for system in systems:
+        gains = [relative(results["collections"][n]["systems"][system], results["collections"][n]["systems"]["base"]["test"]["adapted"]["nDCG@10"])
+                 for n in names]
+        val = [results["collections"][n]["systems"][system]["validation_nDCG@10"] / results["collections"][n]["systems"]["base"]["validation_nDCG@10"] - 1
+               for n in names]
+        beaten = sum(results["collections"][n]["systems"][DEFAULT_NAME]["test"]["adapted"]["nDCG@10"]
+                     > results["collections"][n]["systems"][system]["test"]["adapted"]["nDCG@10"] + 1e-9 for n in names)
+        lines.append(f"| {system} | {np.mean(gains):+.1%} | {np.median(gains):+.1%} | {beaten}/{len(names)} | {np.mean(val):+.1%} |")
+    decisions = [res.get("nested_validation", {}) for res in results["collections"].values()]
+    if all(decisions):
+        lines += ["", "Decision rules judged by 2-fold cross-validation inside each validation set (no test data): mean "
+                  "relative nDCG@10 gain over the frozen retriever across collections, and per collection.", "",
+                  "| feedback | gate rule | trained adapter | mean | " + " | ".join(names) + " |",
+                  "|---|---|---|---:|" + "---:|" * len(names)]
+        for key in (k for k in decisions[0] if k != "base"):
+            gains = [d[key] / d["base"] - 1.0 for d in decisions]
+            lines.append("| " + " | ".join(key.split("|")) + f" | {np.mean(gains):+.2%} | "
+                         + " | ".join(f"{g:+.1%}" for g in gains) + " |")
+    return "\n".join(lines)
+
+
+def parse_setting(item: str) -> tuple[str, object]:
+    """`field=value` with value read as JSON where it parses (numbers, true/false), else as a string."""
+    name, _, value = item.partition("=")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=list(COLLECTIONS))
+    parser.add_argument("--output", type=Path, default=HERE / "results" / "collections.json")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="which recipe variants to train (default: all)")
+    parser.add_argument("--no-nested", action="store_true", help="skip judging the decision rules by 2-fold "
+                        "cross-validation inside validation (two extra trainings per split)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="train a candidate recipe instead of the default (TrainConfig fields, e.g. loss=listwise lr=3e-3); "
+                             "for choosing the default on validation")
+    args = parser.parse_args()
+    recipe = TrainConfig.from_dict({**TrainConfig().to_dict(), **dict(parse_setting(item) for item in args.set)})
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    results = {"date": date.today().isoformat(), "recipe": recipe.to_dict(), "collections": {}}
+    for name in args.datasets:
+        started = time.perf_counter()
+        results["collections"][name] = run_collection(name, recipe, args.variants, not args.no_nested)
+        print(f"{name}: {time.perf_counter() - started:.0f}s", flush=True)
+        args.output.parent.mkdir(exist_ok=True)
+        args.output.write_text(json.dumps(results, indent=2, default=float))  # after each collection: partial results survive
+    print(tables(results))
+
+
+if __name__ == "__main__":
+    main()

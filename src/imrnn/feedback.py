@@ -1,0 +1,56 @@
+"""Non-learned feedback, the adapters' starting point: Rocchio in embedding space, tuned on the queries a model may see.
+
+q' = norm(q + beta * mean of the top-m candidates) re-ranks a query's candidates by cosine with q'. The document
+adapter can express exactly this shift, so `IMRNNConfig.feedback_weight` (beta) and `feedback_docs` (m) build it in:
+an untrained IMRNN (identity heads) *is* Rocchio feedback, training starts there, and early stopping on validation
+keeps that starting point unless a trained epoch beats it. Tuning uses every training and validation query (nothing
+is learned from them but two numbers) and keeps feedback only where it clearly helps; beta = 0 is the frozen retriever.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from .candidates import RankingSet
+from .config import IMRNNConfig
+from .evaluate import clearly_better, hits_to_run, per_query
+from .model import IMRNN
+from .scoring import score_candidates
+
+FEEDBACK_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0)
+FEEDBACK_SIZES = (1, 3, 5, 10)
+
+
+def feedback_ndcg(config: IMRNNConfig, rankings: Sequence[RankingSet], doc_embs: np.ndarray, doc_ids: np.ndarray) -> np.ndarray:
+    """Per-query nDCG@10 of the untrained adapter under `config` (Rocchio with its beta and m) over `rankings`."""
+    model = IMRNN(config).eval()
+    values = []
+    for data in rankings:
+        scores = score_candidates(model, data.query_embs, doc_embs, data.candidates)
+        values.append(per_query(hits_to_run(data.query_ids, doc_ids, data.candidates, scores), data.qrels, ["nDCG@10"])["nDCG@10"])
+    return np.concatenate(values) if values else np.zeros(0)
+
+
+def tune_feedback(config: IMRNNConfig, rankings: Sequence[RankingSet], doc_embs: np.ndarray, doc_ids: np.ndarray,
+                  weights: Sequence[float] = FEEDBACK_WEIGHTS, sizes: Sequence[int] = FEEDBACK_SIZES,
+                  require_clear_gain: bool = True) -> tuple[IMRNNConfig, dict]:
+    """`config` with the Rocchio weight and feedback size of the best mean nDCG@10 over `rankings`, and a report.
+
+    The best option is kept only if it beats the frozen retriever (beta = 0) by more than one paired standard error
+    over these queries: where they cannot tell, no feedback (the feedback size then stays `config.feedback_docs`).
+    `require_clear_gain=False` keeps the best mean whatever its margin (textbook Rocchio tuning). The report lists
+    every option's mean."""
+    frozen = (0.0, config.feedback_docs)
+    options = [frozen] + [(w, m) for w in weights if w > 0 for m in sizes]
+    values = {option: feedback_ndcg(dataclasses.replace(config, feedback_weight=option[0], feedback_docs=option[1]), rankings,
+                                    doc_embs, doc_ids) for option in options}
+    best = max(options, key=lambda option: values[option].mean())  # the frozen retriever (first) on ties
+    chosen = best if not require_clear_gain or clearly_better(values[best], values[frozen]) else frozen
+    report = {"beta": chosen[0], "m": chosen[1], "queries": int(sum(len(r.query_ids) for r in rankings)),
+              "rule": "the best option" + (" if it beats beta = 0 by more than one standard error" if require_clear_gain else ""),
+              "nDCG@10": {"chosen": float(values[chosen].mean()), "frozen": float(values[frozen].mean()),
+                          "options": {f"beta={w},m={m}": float(v.mean()) for (w, m), v in values.items()}}}
+    return dataclasses.replace(config, feedback_weight=chosen[0], feedback_docs=chosen[1]), report
