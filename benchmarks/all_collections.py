@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from baselines import linear_adapter, rocchio
-from imrnn.config import EncoderConfig, TrainConfig
+from imrnn.config import EncoderConfig, IMRNNConfig, TrainConfig
 from imrnn.data import load_dataset
 from imrnn.evaluate import Run, clearly_better, evaluate_run, hits_to_run, per_query
 from imrnn.model import IMRNN
@@ -68,13 +68,14 @@ VARIANTS: dict[str, dict] = {  # TrainConfig changes from the recipe under test:
 }
 
 
-def recipe_variants(workspace: Workspace, plan: SplitPlan, recipe: TrainConfig, variants: Sequence[str]) -> dict[str, tuple[Run, float, float]]:
+def recipe_variants(workspace: Workspace, plan: SplitPlan, recipe: TrainConfig, model: IMRNNConfig,
+                    variants: Sequence[str]) -> dict[str, tuple[Run, float, float]]:
     """{variant: (test run, validation nDCG@10 of the final model, train seconds)}: `imrnn.workflow.train` with the
     recipe (exactly what `imrnn run` does with it) and with each change in `VARIANTS`."""
     validation, test = workspace.ranking(plan.validation), workspace.ranking(plan.test)
     out: dict[str, tuple[Run, float, float]] = {}
     for name in variants:
-        fit = train(workspace, plan, dataclasses.replace(recipe, **VARIANTS[name]), progress=False)
+        fit = train(workspace, plan, dataclasses.replace(recipe, **VARIANTS[name]), model, progress=False)
         value = validation_ndcg(fit.model, validation, workspace.doc_embs, workspace.dataset.corpus.ids)
         out[name] = (adapted_run(workspace, fit.model, test), value, fit.seconds)
     return out
@@ -83,12 +84,12 @@ def recipe_variants(workspace: Workspace, plan: SplitPlan, recipe: TrainConfig, 
 GATE_RULES = ("none", "abstain", "one-standard-error", "best")
 
 
-def option_values(workspace: Workspace, plan: SplitPlan, config: TrainConfig) -> dict[str, np.ndarray]:
+def option_values(workspace: Workspace, plan: SplitPlan, config: TrainConfig, model: IMRNNConfig) -> dict[str, np.ndarray]:
     """Per-query validation nDCG@10 of every model a decision rule can end with, for one training under `config`:
     the untrained starting point, the trained adapter, and the trained adapter behind each novelty-gate threshold."""
     validation, memory = workspace.ranking(plan.validation), workspace.ranking(plan.train).query_embs
     fit = train(workspace, plan, dataclasses.replace(config, novelty_gate=False, keep_only_if_better=False, min_queries=0),
-                progress=False)
+                model, progress=False)
 
     def values(model: IMRNN) -> np.ndarray:
         scores = score_candidates(model, validation.query_embs, workspace.doc_embs, validation.candidates)
@@ -122,14 +123,14 @@ def decide(values: dict[str, np.ndarray], rows: np.ndarray, gate_rule: str, keep
     return chosen
 
 
-def nested_validation(workspace: Workspace, plan: SplitPlan, recipe: TrainConfig, seed: int) -> dict[str, float]:
+def nested_validation(workspace: Workspace, plan: SplitPlan, recipe: TrainConfig, model: IMRNNConfig) -> dict[str, float]:
     """Each decision rule judged without test data: the validation queries are split in two seeded halves, the rule
     decides on one half and is scored on the other, both ways (2-fold cross-validation inside validation).
     Keys: "feedback|gate rule|acceptance" (feedback on or off at the start of training)."""
     out: dict[str, float] = {}
     for feedback in (True, False):
-        values = option_values(workspace, plan, dataclasses.replace(recipe, feedback=feedback))
-        order = np.random.default_rng(seed).permutation(len(values["start"]))
+        values = option_values(workspace, plan, dataclasses.replace(recipe, feedback=feedback), model)
+        order = np.random.default_rng(recipe.seed).permutation(len(values["start"]))
         halves = (order[: len(order) // 2], order[len(order) // 2 :])
         for rule in GATE_RULES:
             for accept in (False, True):
@@ -146,7 +147,8 @@ def weighted_mean(pairs: Sequence[tuple[float, int]]) -> float:
     return float(np.average(values, weights=weights))
 
 
-def run_collection(name: str, recipe: TrainConfig, variants: Sequence[str], nested: bool) -> dict:
+def run_collection(name: str, recipe: TrainConfig, model: IMRNNConfig, variants: Sequence[str], nested: bool,
+                   baselines: bool) -> dict:
     """Every system on one collection: per-system union comparison vs base, validation means, seconds."""
     plans, protocol = plans_for(name, recipe.seed, recipe.validation_fraction)
     workspace = Workspace.open(load_dataset(name, DATA_DIR, None, download=False), EncoderConfig(precision="fp32"), k=100,
@@ -175,7 +177,7 @@ def run_collection(name: str, recipe: TrainConfig, variants: Sequence[str], nest
         systems["linear adapter"] = (run, linear["validation_nDCG@10"], time.perf_counter() - start)
         systems.update(recipe_variants(workspace, plan, recipe, variants))
         if nested:
-            for key, value in nested_validation(workspace, plan, recipe, recipe.seed).items():
+            for key, value in nested_validation(workspace, plan, recipe, model).items():
                 decisions.setdefault(key, []).append((value, n_val))
         choices.append({"rocchio": {k: report[k] for k in ("beta", "m")}, "linear": {k: linear[k] for k in ("lr", "best_epoch")}})
         for system, (run, value, secs) in systems.items():
@@ -260,16 +262,22 @@ def main() -> None:
                         help="which recipe variants to train (default: all)")
     parser.add_argument("--no-nested", action="store_true", help="skip judging the decision rules by 2-fold "
                         "cross-validation inside validation (two extra trainings per split)")
+    parser.add_argument("--no-baselines", action="store_true", help="skip Rocchio and the linear adapter")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
-                        help="train a candidate recipe instead of the default (TrainConfig fields, e.g. loss=listwise lr=3e-3); "
+                        help="train a candidate recipe instead of the default (TrainConfig or IMRNNConfig fields, e.g. "
+                             "loss=listwise lr=3e-3 hidden_dim=256); "
                              "for choosing the default on validation")
     args = parser.parse_args()
-    recipe = TrainConfig.from_dict({**TrainConfig().to_dict(), **dict(parse_setting(item) for item in args.set)})
+    settings = dict(parse_setting(item) for item in args.set)
+    model_fields = {f.name for f in dataclasses.fields(IMRNNConfig)}
+    recipe = TrainConfig.from_dict({**TrainConfig().to_dict(), **{k: v for k, v in settings.items() if k not in model_fields}})
+    model = IMRNNConfig.from_dict({**IMRNNConfig().to_dict(), **{k: v for k, v in settings.items() if k in model_fields}})
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    results = {"date": date.today().isoformat(), "recipe": recipe.to_dict(), "collections": {}}
+    results = {"date": date.today().isoformat(), "recipe": recipe.to_dict(), "model": model.to_dict(), "collections": {}}
     for name in args.datasets:
         started = time.perf_counter()
-        results["collections"][name] = run_collection(name, recipe, args.variants, not args.no_nested)
+        results["collections"][name] = run_collection(name, recipe, model, args.variants, not args.no_nested,
+                                                      not args.no_baselines)
         print(f"{name}: {time.perf_counter() - started:.0f}s", flush=True)
         args.output.parent.mkdir(exist_ok=True)
         args.output.write_text(json.dumps(results, indent=2, default=float))  # after each collection: partial results survive

@@ -25,7 +25,7 @@ from imrnn.model import IMRNN
 from imrnn.scoring import score_candidates
 from imrnn.workflow import SplitPlan, Workspace
 
-LINEAR_RATES = (1e-4, 1e-3, 1e-2)
+LINEAR_RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 LINEAR_EPOCHS = 25
 LINEAR_PATIENCE = 5  # epochs without a better validation nDCG@10 before stopping
 

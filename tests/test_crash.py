@@ -250,7 +250,7 @@ def test_cli_train_killed_then_resumed_gives_the_same_checkpoint(repeat, tmp_pat
     epochs = 25
     common = ["train", "--dataset", str(folder), "--cache-dir", str(cache), "--no-download", "--k", "10", "--epochs", str(epochs),
               "--patience", str(epochs), "--batch-size", "8", "--train-batch-size", "2", "--seed", "3", "--dropout", "0.2",
-              "--min-queries", "0", "--always-keep"]
+              "--min-queries", "0"]
     runner = CliRunner()
     env = {"IMRNN_DATA_DIR": None, "IMRNN_CACHE_DIR": None, "XDG_CACHE_HOME": None}
     reference = runner.invoke(app, common + ["--output", str(tmp_path / "reference")], env=env)

@@ -29,7 +29,7 @@ def trained(tmp_path_factory, write_tiny_beir):
     cache = root / "cache"
     ckpt = root / "ckpt"
     result = runner.invoke(app, ["train", "--dataset", str(data), "--output", str(ckpt), "--cache-dir", str(cache),
-                                 "--epochs", "2", "--seed", "3", "--validation-fraction", "0.3", "--min-queries", "0", "--always-keep"])
+                                 "--epochs", "2", "--seed", "3", "--validation-fraction", "0.3", "--min-queries", "0"])
     assert result.exit_code == 0, result.output
     return data, cache, ckpt
 

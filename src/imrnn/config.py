@@ -127,16 +127,17 @@ class TrainConfig:
     max_added_positives: int = setting(0, "Positives the first stage missed that are put into a training list.")
     validation_fraction: float = setting(0.15, "Share of training queries carved out for validation.")
     patience: int = setting(6, "Stop after this many epochs without a better validation nDCG@10.")
-    novelty_gate: bool = setting(True, "Calibrate the novelty gate on validation (--no-novelty-gate: always the adapted score).",
+    novelty_gate: bool = setting(False, "Calibrate a novelty gate on validation (blend towards the frozen score for queries "
+                                        "unlike any training query); off by default, see the README.",
                                  flag="--novelty-gate/--no-novelty-gate")
     gate_rule: str = setting("abstain", "How validation chooses the gate: abstain (a gate only if it beats no gate by more "
                                         "than one standard error), one-standard-error (the most conservative within one "
                                         "SE of the best) or best.")
     feedback: bool = setting(True, "Start from Rocchio feedback tuned on the training and validation queries "
                                    "(--no-feedback: from the frozen retriever).", flag="--feedback/--no-feedback")
-    keep_only_if_better: bool = setting(True, "Keep the trained adapter only if it beats its starting point (the tuned "
+    keep_only_if_better: bool = setting(False, "Keep the trained adapter only if it beats its starting point (the tuned "
                                               "feedback) on validation by more than one standard error "
-                                              "(--always-keep: keep it whenever it trained).",
+                                              "(default --always-keep: keep it whenever early stopping found a better epoch).",
                                         flag="--keep-only-if-better/--always-keep")
     min_queries: int = setting(30, "Fewer judged training + validation queries than this: train nothing, use the "
                                    "non-learned feedback (or the frozen retriever) and say so.")
