@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from imrnn.config import EncoderConfig, IMRNNConfig, TrainConfig
-from imrnn.data import QuerySet, load_dataset
-from imrnn.evaluate import evaluate_run, hits_to_run
+from imrnn.data import load_dataset
+from baselines import rocchio
+from imrnn.evaluate import hits_to_run
 from imrnn.workflow import Comparison, SplitPlan, Workspace, cross_validate, evaluate, train
 
 HERE = Path(__file__).resolve().parent
@@ -65,27 +66,6 @@ def train_and_report(workspace: Workspace, plan: SplitPlan, model_config: IMRNNC
     return out, result.seconds, report.adapted_run
 
 
-def rocchio(workspace: Workspace, val_q: QuerySet, test_q: QuerySet) -> tuple[dict, dict]:
-    """Non-learned feedback q' = norm(q + beta * mean(top-m candidates)); beta and m chosen on validation."""
-    docs = np.asarray(workspace.doc_embs)
-
-    def run_for(queries: QuerySet, beta: float, m: int) -> dict:
-        data = workspace.ranking(queries)
-        cands = docs[data.candidates]
-        q = data.query_embs + beta * cands[:, :m].mean(1)
-        q /= np.linalg.norm(q, axis=1, keepdims=True)
-        scores = np.einsum("qd,qkd->qk", q, cands)
-        return hits_to_run(queries.ids, workspace.dataset.corpus.ids, data.candidates, scores)
-
-    grid = [(b, m) for b in (0.0, 0.1, 0.25, 0.5, 1.0) for m in (1, 3, 5, 10)]
-    best = max(grid, key=lambda bm: evaluate_run(run_for(val_q, *bm), val_q.qrels, ["nDCG@10"])["nDCG@10"])
-    data = workspace.ranking(test_q)
-    base_run = hits_to_run(test_q.ids, workspace.dataset.corpus.ids, data.candidates, workspace.frozen_scores(data))
-    report = dataclasses.asdict(Comparison.of_runs(base_run, run_for(test_q, *best), test_q.qrels))
-    report["beta"], report["m"] = best
-    return report, {}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset")
@@ -122,7 +102,10 @@ def main() -> None:
                 "without A_d": (dataclasses.replace(full, use_doc_adapter=False), TrainConfig()),
                 "iterations = 2": (dataclasses.replace(full, iterations=2), TrainConfig()),
                 f"other loss ({other_loss})": (full, TrainConfig(loss=other_loss)),
-                "without novelty gate": (full, TrainConfig(novelty_gate=False)),
+                "without Rocchio start (feedback)": (full, TrainConfig(feedback=False)),
+                "with novelty gate (abstain rule)": (full, TrainConfig(novelty_gate=True)),
+                "previous default (no feedback, gate by one SE)": (full, TrainConfig(feedback=False, novelty_gate=True,
+                                                                                     gate_rule="one-standard-error")),
             }
         for label, (model_config, train_config) in variants.items():
             plan = SplitPlan.official(data, "train", args.validation, "test", train_config.validation_fraction, train_config.seed)
@@ -137,9 +120,12 @@ def main() -> None:
                          f"min {values.min():.4f}, max {values.max():.4f}")
         if args.ablations:
             plan = SplitPlan.official(data, "train", args.validation, "test", TrainConfig().validation_fraction, 42)
-            report, _ = rocchio(workspace, plan.validation, plan.test)
+            run, choice = rocchio(workspace, plan)
+            base = workspace.ranking(plan.test)
+            base_run = hits_to_run(base.query_ids, data.corpus.ids, base.candidates, workspace.frozen_scores(base))
+            report = {**dataclasses.asdict(Comparison.of_runs(base_run, run, plan.test.qrels)), "beta": choice["beta"], "m": choice["m"]}
             results["runs"]["rocchio"] = report
-            lines.append(row(f"Rocchio (beta={report['beta']}, m={report['m']}, non-learned)", report))
+            lines.append(row(f"Rocchio (beta={report['beta']}, m={report['m']}, non-learned, tuned on train+validation)", report))
     lines.append(f"\npeak RSS of this process: {peak_rss_mb():.0f} MB; date {results['date']}")
     out = HERE / "results"
     out.mkdir(exist_ok=True)

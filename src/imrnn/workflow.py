@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 
 from . import __version__
-from .candidates import ranking_set
+from .candidates import RankingSet, ranking_set
 from .checkpoint import Checkpoint, save_checkpoint
 from .config import IMRNNConfig, TrainConfig
 from .data import Dataset, Qrels, QuerySet, carve_validation, default_cache_dir, kfold, random_splits
@@ -146,13 +146,14 @@ class EvaluationReport:
 def train(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig = TrainConfig(),
           model_config: IMRNNConfig | None = None, device: str = "cpu", progress: bool = True,
           state_dir: Path | None = None, resume: bool = False) -> TrainResult:
-    """The default recipe on `plan`: tune Rocchio feedback on the training and validation queries (the adapters'
-    starting point), then train adapters on `plan.train`, early-stopping on `plan.validation` (resumable with
-    `state_dir`) and choosing the novelty gate there. With fewer than `train_config.min_queries` judged training and
-    validation queries nothing is trained, and a trained adapter not clearly better than its starting point on
-    validation (by one paired standard error) is dropped: the result is then the tuned feedback alone (the frozen
-    retriever when feedback does not help), and `recipe["trained"]` and `recipe["reason"]` say so. `model_config` defaults to the default architecture; its
-    embedding dimension is always the workspace's."""
+    """The recipe on `plan`: tune Rocchio feedback on the training and validation queries (the adapters' starting
+    point), then train adapters on `plan.train`, early-stopping on `plan.validation` (resumable with `state_dir`).
+
+    With fewer than `train_config.min_queries` judged training and validation queries nothing is trained: the result
+    is the tuned feedback alone (the frozen retriever where feedback does not clearly help). Optional steps, off by
+    default: a novelty gate, and `keep_only_if_better` (drop an adapter not clearly better than its start on
+    validation). `result.recipe` records every selection and why. `model_config` defaults to the default
+    architecture; its embedding dimension is always the workspace's."""
     if plan.train is None or plan.validation is None:
         raise ConfigError("This split plan has no training or validation queries; build one with SplitPlan.official or .kfold.")
     start = time.perf_counter()
@@ -164,14 +165,35 @@ def train(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig = Tra
     if train_config.feedback:
         model_config, recipe["feedback"] = tune_feedback(model_config, [plain_train, validation_set], workspace.doc_embs, doc_ids)
     if judged < train_config.min_queries:
-        model = IMRNN(model_config).eval()
-        recipe["trained"] = False
-        recipe["reason"] = (f"{judged} judged training and validation queries, fewer than {train_config.min_queries}: "
-                            "an adapter cannot be trusted here, so nothing was trained")
+        recipe.update(trained=False, reason=f"{judged} judged training and validation queries, fewer than "
+                      f"{train_config.min_queries}: an adapter cannot be trusted here, so nothing was trained")
         score = float(feedback_ndcg(model_config, [validation_set], workspace.doc_embs, doc_ids).mean())
-        return TrainResult(model, 0, score, [{"epoch": 0, "loss": None, "val_nDCG@10": score}],
+        return TrainResult(IMRNN(model_config).eval(), 0, score, [{"epoch": 0, "loss": None, "val_nDCG@10": score}],
                            time.perf_counter() - start, None, recipe)
-    train_set = workspace.ranking(plan.train, train_config.max_added_positives) if train_config.max_added_positives else plain_train
+    result = train_adapter(model_config, train_config, workspace.doc_embs, doc_ids,
+                           _training_set(workspace, plan, train_config, plain_train), validation_set,
+                           device=device, progress=progress, state_dir=state_dir, resume=resume)
+    recipe["trained"] = True
+    if train_config.keep_only_if_better:
+        result.model, recipe["acceptance"] = keep_if_clearly_better(result.model, IMRNN(model_config).eval(), validation_set,
+                                                                    workspace.doc_embs, doc_ids)
+        if not recipe["acceptance"]["kept"]:
+            recipe.update(trained=False, reason="the trained adapter was not better than its starting point on validation "
+                                                "by more than one standard error, so the starting point is kept")
+            result.gate = None
+    if judged < TRUSTED_QUERIES:
+        recipe["warning"] = (f"only {judged} judged training and validation queries: validation this small cannot show "
+                             "small effects, so treat the adapter's gains here as unreliable")
+    result.recipe, result.seconds = recipe, time.perf_counter() - start
+    return result
+
+
+def _training_set(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig, plain: RankingSet) -> RankingSet:
+    """The training queries' candidate lists: the first stage's (`plain`), plus the positives it missed and BM25
+    negatives when the config asks for them."""
+    if not train_config.max_added_positives and not train_config.bm25_negatives:
+        return plain
+    train_set = workspace.ranking(plan.train, train_config.max_added_positives)
     if train_config.bm25_negatives:
         from .negatives import bm25_negatives, relevance_matrix
 
@@ -179,22 +201,7 @@ def train(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig = Tra
         relevance = relevance_matrix(plan.train.ids, plan.train.qrels, corpus.ids)
         extra = bm25_negatives(corpus.passages(), plan.train.texts, relevance, train_config.bm25_negatives)
         train_set = ranking_set(plan.train.ids, train_set.query_embs, train_set.candidates, plan.train.qrels, corpus.ids, 0, extra)
-    result = train_adapter(model_config, train_config, workspace.doc_embs, doc_ids, train_set, validation_set,
-                           device=device, progress=progress, state_dir=state_dir, resume=resume)
-    recipe["trained"] = True
-    if train_config.keep_only_if_better:
-        result.model, recipe["acceptance"] = keep_if_clearly_better(result.model, IMRNN(model_config).eval(), validation_set,
-                                                                    workspace.doc_embs, doc_ids)
-        if not recipe["acceptance"]["kept"]:
-            recipe["trained"], result.gate = False, None
-            recipe["reason"] = ("the trained adapter was not better than its starting point on validation by more than "
-                                "one standard error, so the starting point is kept")
-    if judged < TRUSTED_QUERIES:
-        recipe["warning"] = (f"only {judged} judged training and validation queries: validation this small cannot show "
-                             "small effects, so treat the adapter's gains here as unreliable")
-    result.recipe = recipe
-    result.seconds = time.perf_counter() - start
-    return result
+    return train_set
 
 
 def evaluate(model: IMRNN, workspace: Workspace, plan: SplitPlan) -> EvaluationReport:
@@ -282,9 +289,9 @@ def _fit(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig, model
     if not trained.recipe.get("trained", True):
         log(f"no trained adapter: {trained.recipe['reason']}")
         return trained
-    gate = (trained.gate or {}).get("threshold")
-    log(f"trained in {trained.seconds:.1f}s; best epoch {trained.best_epoch}, validation nDCG@10 {trained.best_validation:.4f}; "
-        f"novelty gate threshold {gate if gate is not None else 'none'}")
+    gate = trained.gate and f"; novelty gate threshold {trained.gate['threshold'] or 'none'} ({trained.gate['rule']} rule)"
+    log(f"trained in {trained.seconds:.1f}s; best epoch {trained.best_epoch}, validation nDCG@10 {trained.best_validation:.4f}"
+        f" (start {trained.history[0]['val_nDCG@10']:.4f}){gate or ''}")
     return trained
 
 
