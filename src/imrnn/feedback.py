@@ -13,24 +13,35 @@ import dataclasses
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from .candidates import RankingSet
 from .config import IMRNNConfig
 from .evaluate import clearly_better, hits_to_run, per_query
-from .model import IMRNN
-from .scoring import score_candidates
+from .model import IMRNN, CorpusCache
+from .scoring import sort_by_score
 
 FEEDBACK_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0)
 FEEDBACK_SIZES = (1, 3, 5, 10)
+_DEPTH = 20  # nDCG@10 reads the top 10; a margin keeps score ties at rank 10 in the run, as trec_eval orders them
 
 
-def feedback_ndcg(config: IMRNNConfig, rankings: Sequence[RankingSet], doc_embs: np.ndarray, doc_ids: np.ndarray) -> np.ndarray:
-    """Per-query nDCG@10 of the untrained adapter under `config` (Rocchio with its beta and m) over `rankings`."""
+def feedback_ndcg(config: IMRNNConfig, rankings: Sequence[RankingSet], doc_embs: np.ndarray, doc_ids: np.ndarray,
+                  corpus: CorpusCache | None = None) -> np.ndarray:
+    """Per-query nDCG@10 of the untrained adapter under `config` (Rocchio with its beta and m) over `rankings`.
+
+    Scored by `IMRNN.score_rows`, the fast inference path; `corpus` (`IMRNN.cache_corpus` of any untrained adapter:
+    they all project by the identity) can be passed to share it across calls."""
     model = IMRNN(config).eval()
+    corpus = corpus if corpus is not None else model.cache_corpus(doc_embs)
     values = []
     for data in rankings:
-        scores = score_candidates(model, data.query_embs, doc_embs, data.candidates)
-        values.append(per_query(hits_to_run(data.query_ids, doc_ids, data.candidates, scores), data.qrels, ["nDCG@10"])["nDCG@10"])
+        rows = torch.from_numpy(np.asarray(data.candidates, np.int64))
+        queries = torch.from_numpy(np.asarray(data.query_embs, np.float32))
+        scores, _ = model.score_rows(queries, rows.clamp(min=0), rows >= 0, corpus)
+        top, top_scores = sort_by_score(data.candidates, scores.numpy())
+        run = hits_to_run(data.query_ids, doc_ids, top[:, :_DEPTH], top_scores[:, :_DEPTH])
+        values.append(per_query(run, data.qrels, ["nDCG@10"])["nDCG@10"])
     return np.concatenate(values) if values else np.zeros(0)
 
 
@@ -45,8 +56,9 @@ def tune_feedback(config: IMRNNConfig, rankings: Sequence[RankingSet], doc_embs:
     every option's mean."""
     frozen = (0.0, config.feedback_docs)
     options = [frozen] + [(w, m) for w in weights if w > 0 for m in sizes]
+    corpus = IMRNN(config).eval().cache_corpus(doc_embs)
     values = {option: feedback_ndcg(dataclasses.replace(config, feedback_weight=option[0], feedback_docs=option[1]), rankings,
-                                    doc_embs, doc_ids) for option in options}
+                                    doc_embs, doc_ids, corpus) for option in options}
     best = max(options, key=lambda option: values[option].mean())  # the frozen retriever (first) on ties
     chosen = best if not require_clear_gain or clearly_better(values[best], values[frozen]) else frozen
     report = {"beta": chosen[0], "m": chosen[1], "queries": int(sum(len(r.query_ids) for r in rankings)),
