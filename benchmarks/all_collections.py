@@ -35,10 +35,10 @@ import torch
 from baselines import linear_adapter, rocchio
 from imrnn.config import EncoderConfig, IMRNNConfig, TrainConfig
 from imrnn.data import load_dataset
-from imrnn.evaluate import Run, clearly_better, evaluate_run, hits_to_run, per_query
+from imrnn.evaluate import Run, clearly_better, evaluate_run, hits_to_run
 from imrnn.model import IMRNN
 from imrnn.scoring import score_candidates, sort_by_score
-from imrnn.train import GATE_THRESHOLDS, validation_ndcg
+from imrnn.train import GATE_THRESHOLDS, validation_ndcg, validation_values
 from imrnn.workflow import Comparison, SplitPlan, Workspace, train
 
 HERE = Path(__file__).resolve().parent
@@ -105,9 +105,7 @@ def option_values(workspace: Workspace, plan: SplitPlan, config: TrainConfig, mo
                 model, progress=False)
 
     def values(model: IMRNN) -> np.ndarray:
-        scores = score_candidates(model, validation.query_embs, workspace.doc_embs, validation.candidates)
-        return per_query(hits_to_run(validation.query_ids, workspace.dataset.corpus.ids, validation.candidates, scores),
-                         validation.qrels, ["nDCG@10"])["nDCG@10"]
+        return validation_values(model, validation, workspace.doc_embs, workspace.dataset.corpus.ids)
 
     out = {"start": values(IMRNN(fit.model.config).eval()), "none": values(fit.model)}
     for threshold in GATE_THRESHOLDS:

@@ -21,7 +21,7 @@ from .evaluate import clearly_better, hits_to_run, per_query
 from .model import IMRNN, CorpusCache
 from .scoring import sort_by_score
 
-FEEDBACK_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0)
+FEEDBACK_WEIGHTS = (0.1, 0.25, 0.5, 1.0)  # beta = 0 (no feedback) is always tried as well
 FEEDBACK_SIZES = (1, 3, 5, 10)
 _DEPTH = 20  # nDCG@10 reads the top 10; a margin keeps score ties at rank 10 in the run, as trec_eval orders them
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .config import GATE_RULES, IMRNNConfig, TrainConfig
 from .candidates import RankingSet
-from .evaluate import clearly_better, evaluate_run, hits_to_run, per_query
+from .evaluate import clearly_better, hits_to_run, per_query
 from .model import IMRNN
 from .scoring import blend, frozen_scores, nearest_similarity, novelty_gate, score_candidates
 from .resume import TrainState, capture_rng, clear_state, load_state, restore_rng, save_state, training_key
@@ -38,10 +38,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def validation_ndcg(model: IMRNN, data: RankingSet, doc_embs: torch.Tensor, doc_ids: np.ndarray) -> float:
+def validation_values(model: IMRNN, data: RankingSet, doc_embs: np.ndarray | torch.Tensor, doc_ids: np.ndarray) -> np.ndarray:
+    """Per-query nDCG@10 of `model` re-ranking `data`'s candidates (aligned with `evaluated_queries(data.qrels)`)."""
     scores = score_candidates(model, data.query_embs, doc_embs, data.candidates)
-    run = hits_to_run(data.query_ids, doc_ids, data.candidates, scores)
-    return evaluate_run(run, data.qrels, ["nDCG@10"])["nDCG@10"]
+    return per_query(hits_to_run(data.query_ids, doc_ids, data.candidates, scores), data.qrels, ["nDCG@10"])["nDCG@10"]
+
+
+def validation_ndcg(model: IMRNN, data: RankingSet, doc_embs: np.ndarray | torch.Tensor, doc_ids: np.ndarray) -> float:
+    """Mean nDCG@10 of `model` re-ranking `data`'s candidates: what early stopping maximises."""
+    values = validation_values(model, data, doc_embs, doc_ids)
+    return float(values.mean()) if len(values) else float("nan")
 
 
 def keep_if_clearly_better(trained: IMRNN, start: IMRNN, validation: RankingSet, doc_embs: np.ndarray | torch.Tensor,
@@ -49,12 +55,8 @@ def keep_if_clearly_better(trained: IMRNN, start: IMRNN, validation: RankingSet,
     """The trained model if it is clearly better than its untrained starting point (the tuned feedback, or the
     frozen retriever) on validation, else the starting point: training never makes things worse where validation
     cannot show it helps (few or noisy validation queries)."""
-    def ndcg(model: IMRNN) -> np.ndarray:
-        scores = score_candidates(model, validation.query_embs, doc_embs, validation.candidates)
-        run = hits_to_run(validation.query_ids, doc_ids, validation.candidates, scores)
-        return per_query(run, validation.qrels, ["nDCG@10"])["nDCG@10"]
-
-    trained_values, start_values = ndcg(trained), ndcg(start)
+    trained_values = validation_values(trained, validation, doc_embs, doc_ids)
+    start_values = validation_values(start, validation, doc_embs, doc_ids)
     keep = clearly_better(trained_values, start_values)
     report = {"kept": keep, "rule": "trained only if better than its starting point by more than one standard error",
               "validation_nDCG@10": {"trained": float(trained_values.mean()), "start": float(start_values.mean())}}
