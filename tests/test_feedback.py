@@ -130,3 +130,16 @@ def test_a_trained_adapter_is_kept_only_when_validation_clearly_prefers_it():
     assert kept is start and not report["kept"]
     assert not clearly_better(np.array([0.9]), np.array([0.1]))  # one query never shows anything
     assert clearly_better(np.array([0.5, 0.6, 0.7]), np.array([0.4, 0.5, 0.6]))
+
+
+def test_a_checkpoint_keeps_its_feedback(tmp_path):
+    from imrnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from imrnn.config import EncoderConfig
+
+    rng = np.random.default_rng(4)
+    model = randomised(IMRNN(IMRNNConfig(embedding_dim=16, hidden_dim=8, feedback_docs=3, feedback_weight=0.25)))
+    save_checkpoint(Checkpoint(model, EncoderConfig(), TrainConfig(), {}), tmp_path / "ckpt")
+    loaded = load_checkpoint(tmp_path / "ckpt").model
+    assert loaded.config.feedback_weight == 0.25 and loaded.config.feedback_docs == 3
+    q, d = torch.from_numpy(unit(rng, 4, 16)), torch.from_numpy(unit(rng, 4, 9, 16))
+    torch.testing.assert_close(loaded(q, d).scores, model(q, d).scores, rtol=0, atol=0)

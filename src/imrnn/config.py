@@ -63,9 +63,10 @@ class IMRNNConfig:
                                       flag="--query-adapter/--no-query-adapter")
     use_doc_adapter: bool = setting(True, "Use the document adapter A_d (--no-doc-adapter: ablation).",
                                     flag="--doc-adapter/--no-doc-adapter")
-    feedback_docs: int = setting(5, "Top-m candidates the document adapter reads (feedback size).")
+    feedback_docs: int = setting(5, "Top-m candidates the document adapter reads (feedback size); with --feedback, "
+                                    "tuning replaces it when Rocchio feedback is kept.")
     feedback_weight: float = setting(0.0, "Rocchio weight beta: the refined query starts as norm(q + beta * mean of the "
-                                          "top-m candidates); training tunes it on its queries.", cli=False)
+                                          "top-m candidates); `workflow.train` tunes it on its queries.", cli=False)
     iterations: int = setting(1, "Modulate/refine rounds (the refined query conditions the documents again).")
     memory_size: int = setting(0, "Training queries kept for the novelty gate.", cli=False)  # set by calibration
     gate_threshold: float | None = setting(None, "Novelty-gate threshold.", cli=False)  # set by calibration
