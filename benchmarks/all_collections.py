@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from baselines import linear_adapter, rocchio
-from imrnn.config import EncoderConfig, IMRNNConfig, TrainConfig
+from imrnn.candidates import RankingSet
+from imrnn.config import GATE_RULES, EncoderConfig, IMRNNConfig, TrainConfig
 from imrnn.data import load_dataset
 from imrnn.evaluate import Run, clearly_better, evaluate_run, hits_to_run
 from imrnn.model import IMRNN
@@ -45,7 +46,6 @@ HERE = Path(__file__).resolve().parent
 DATA_DIR = os.environ.get("IMRNN_DATA_DIR", str(HERE.parent.parent / "shared" / "datasets"))
 COLLECTIONS = ("scifact", "nfcorpus", "cranfield", "cisi", "npl", "cacm", "lisa", "med")
 DEFAULT_NAME = "default recipe"
-BASELINES = ("Rocchio", "linear adapter")
 
 
 def plans_for(name: str, seed: int, validation_fraction: float) -> tuple[list[SplitPlan], str]:
@@ -56,7 +56,7 @@ def plans_for(name: str, seed: int, validation_fraction: float) -> tuple[list[Sp
     return SplitPlan.kfold(data.split("test"), 5, validation_fraction, seed=seed), "5-fold CV"
 
 
-def adapted_run(workspace: Workspace, model: IMRNN, data) -> Run:
+def adapted_run(workspace: Workspace, model: IMRNN, data: RankingSet) -> Run:
     order, scores = sort_by_score(data.candidates, score_candidates(model, data.query_embs, workspace.doc_embs, data.candidates))
     return hits_to_run(data.query_ids, workspace.dataset.corpus.ids, order, scores)
 
@@ -94,7 +94,7 @@ def recipe_variants(workspace: Workspace, plan: SplitPlan, recipe: TrainConfig, 
     return out
 
 
-GATE_RULES = ("none", "abstain", "one-standard-error", "best")
+GATE_CHOICES = ("none", *GATE_RULES)  # no gate at all, then each of the library's rules
 
 
 def option_values(workspace: Workspace, plan: SplitPlan, config: TrainConfig, model: IMRNNConfig) -> dict[str, np.ndarray]:
@@ -143,7 +143,7 @@ def nested_validation(workspace: Workspace, plan: SplitPlan, recipe: TrainConfig
         values = option_values(workspace, plan, dataclasses.replace(recipe, feedback=feedback), model)
         order = np.random.default_rng(recipe.seed).permutation(len(values["start"]))
         halves = (order[: len(order) // 2], order[len(order) // 2 :])
-        for rule in GATE_RULES:
+        for rule in GATE_CHOICES:
             for accept in (False, True):
                 scored = [values[decide(values, mine, rule, accept)][other] for mine, other in (halves, halves[::-1])]
                 out[f"{'feedback' if feedback else 'no feedback'}|gate {rule}|{'accept test' if accept else 'always keep'}"] = \
