@@ -43,7 +43,7 @@ def rocchio(workspace: Workspace, plan: SplitPlan) -> tuple[Run, dict]:
 
 
 def _linear_run(weight: torch.Tensor, data: RankingSet, docs: np.ndarray, doc_ids: np.ndarray) -> Run:
-    queries = F.normalize(torch.from_numpy(np.asarray(data.query_embs, np.float32)) @ weight.T, dim=-1).numpy()
+    queries = F.normalize(torch.from_numpy(np.array(data.query_embs, np.float32)) @ weight.T, dim=-1).numpy()
     cands = docs[np.maximum(data.candidates, 0)]
     cands = cands / np.linalg.norm(cands, axis=-1, keepdims=True).clip(1e-12)
     scores = np.where(data.candidates >= 0, np.einsum("qd,qkd->qk", queries, cands), -np.inf)

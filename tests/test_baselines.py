@@ -1,0 +1,47 @@
+"""The benchmark's baselines (benchmarks/baselines.py) on the tiny BEIR folder: they run on the same candidates and
+never end below what they were chosen against on validation."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from imrnn.evaluate import evaluate_run, hits_to_run
+from imrnn.workflow import SplitPlan, Workspace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import baselines  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_workspace(tmp_path_factory, write_tiny_beir, encoder):
+    root = tmp_path_factory.mktemp("baselines")
+    workspace = Workspace.open(write_tiny_beir(root / "tiny"), encoder, k=10, cache_dir=root / "cache", progress=False)
+    return workspace, SplitPlan.official(workspace.dataset, fraction=0.5, seed=1)
+
+
+def frozen_validation(workspace: Workspace, plan: SplitPlan) -> float:
+    data = workspace.ranking(plan.validation)
+    run = hits_to_run(data.query_ids, workspace.dataset.corpus.ids, data.candidates, workspace.frozen_scores(data))
+    return evaluate_run(run, data.qrels, ["nDCG@10"])["nDCG@10"]
+
+
+def test_the_linear_adapter_reranks_the_same_candidates_and_keeps_its_best_validation_epoch(tiny_workspace):
+    workspace, plan = tiny_workspace
+    run, report = baselines.linear_adapter(workspace, plan, rates=(1e-3, 1e-2), epochs=3)
+    test = workspace.ranking(plan.test)
+    assert set(run) == set(test.query_ids)
+    for row, query in enumerate(test.query_ids):  # only the first stage's candidates are re-ranked
+        assert set(run[query]) == {workspace.dataset.corpus.ids[i] for i in test.candidates[row] if i >= 0}
+    positives = sum(r > 0 for docs in plan.train.qrels.values() for r in docs.values())
+    assert report["lr"] in (1e-3, 1e-2) and report["pairs"] == positives > 0  # one pair per training positive
+    assert report["validation_nDCG@10"] >= frozen_validation(workspace, plan) - 1e-9  # epoch 0 is the identity
+
+
+def test_rocchio_is_tuned_without_the_clear_gain_test(tiny_workspace):
+    workspace, plan = tiny_workspace
+    run, report = baselines.rocchio(workspace, plan)
+    assert report["rule"] == "the best option" and set(run) == set(workspace.ranking(plan.test).query_ids)
+    assert report["nDCG@10"]["chosen"] == max(report["nDCG@10"]["options"].values())
