@@ -55,6 +55,7 @@ def test_too_few_queries_train_nothing_and_say_so(trained, tmp_path):
                                  "--validation-fraction", "0.3"])
     assert result.exit_code == 0, result.output
     assert "no trained adapter: 4 judged training and validation queries, fewer than 30" in result.output
+    assert re.search(r"(no feedback|feedback tuned) on 4 training and validation queries|no feedback: on 4 training", result.output)
     payload = json.loads((tmp_path / "c" / "config.json").read_text())
     assert payload["recipe"]["trained"] is False and "cannot be trusted" in payload["recipe"]["reason"]
     model = load_checkpoint(tmp_path / "c").model

@@ -62,6 +62,7 @@ def tune_feedback(config: IMRNNConfig, rankings: Sequence[RankingSet], doc_embs:
     best = max(options, key=lambda option: values[option].mean())  # the frozen retriever (first) on ties
     chosen = best if not require_clear_gain or clearly_better(values[best], values[frozen]) else frozen
     report = {"beta": chosen[0], "m": chosen[1], "queries": int(sum(len(r.query_ids) for r in rankings)),
+              "best": {"beta": best[0], "m": best[1], "nDCG@10": float(values[best].mean())},
               "rule": "the best option" + (" if it beats beta = 0 by more than one standard error" if require_clear_gain else ""),
               "nDCG@10": {"chosen": float(values[chosen].mean()), "frozen": float(values[frozen].mean()),
                           "options": {f"beta={w},m={m}": float(v.mean()) for (w, m), v in values.items()}}}

@@ -281,9 +281,15 @@ def _fit(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig, model
         log(f"found the state of an interrupted training in {state_dir}; starting over (pass --resume to continue it)")
     trained = train(workspace, plan, train_config, model_config, device, progress, state_dir, resume)
     feedback = trained.recipe.get("feedback")
-    if feedback is not None:
+    if feedback is not None and feedback["beta"]:
         log(f"feedback tuned on {feedback['queries']} training and validation queries: beta {feedback['beta']}, m {feedback['m']} "
             f"(nDCG@10 {feedback['nDCG@10']['frozen']:.4f} frozen -> {feedback['nDCG@10']['chosen']:.4f})")
+    elif feedback is not None:
+        best = feedback["best"]
+        beaten = (f"is not clearly beaten (best: beta {best['beta']}, m {best['m']}, {best['nDCG@10']:.4f})" if best["beta"]
+                  else "is the best of the feedback options")
+        log(f"no feedback: on {feedback['queries']} training and validation queries the frozen retriever's nDCG@10 "
+            f"{feedback['nDCG@10']['frozen']:.4f} {beaten}")
     if trained.recipe.get("warning"):
         log(f"warning: {trained.recipe['warning']}")
     if not trained.recipe.get("trained", True):
