@@ -97,34 +97,30 @@ class TestIMRNNLangChainRetrieverStandard(RetrieversIntegrationTests):
         return QUERY
 
 
+class _IMRNNEmbeddingsParams:
+    """What both embeddings suites need: IMRNNEmbeddings over the test retriever's encoder."""
+
+    @pytest.fixture(autouse=True)
+    def _built(self, imrnn_retriever) -> None:
+        self.params = {"encoder": imrnn_retriever.encoder}
+
+    @property
+    def embeddings_class(self) -> type[IMRNNEmbeddings]:
+        return IMRNNEmbeddings
+
+    @property
+    def embedding_model_params(self) -> dict:
+        return self.params
+
+
 @pytest.mark.asyncio
 @pytest.mark.filterwarnings("ignore:The test <Function .*is marked with '@pytest.mark.asyncio' but it is not an async")
-class TestIMRNNEmbeddingsStandard(EmbeddingsIntegrationTests):
-    @pytest.fixture(autouse=True)
-    def _built(self, imrnn_retriever) -> None:
-        self.params = {"encoder": imrnn_retriever.encoder}
-
-    @property
-    def embeddings_class(self) -> type[IMRNNEmbeddings]:
-        return IMRNNEmbeddings
-
-    @property
-    def embedding_model_params(self) -> dict:
-        return self.params
+class TestIMRNNEmbeddingsStandard(_IMRNNEmbeddingsParams, EmbeddingsIntegrationTests):
+    pass
 
 
-class TestIMRNNEmbeddingsUnitStandard(EmbeddingsUnitTests):
-    @pytest.fixture(autouse=True)
-    def _built(self, imrnn_retriever) -> None:
-        self.params = {"encoder": imrnn_retriever.encoder}
-
-    @property
-    def embeddings_class(self) -> type[IMRNNEmbeddings]:
-        return IMRNNEmbeddings
-
-    @property
-    def embedding_model_params(self) -> dict:
-        return self.params
+class TestIMRNNEmbeddingsUnitStandard(_IMRNNEmbeddingsParams, EmbeddingsUnitTests):
+    pass
 
 
 # --------------------------------------------------------------------------- LangChain

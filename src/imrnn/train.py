@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .config import GATE_RULES, IMRNNConfig, TrainConfig
 from .candidates import RankingSet
+from .errors import ConfigError
 from .evaluate import clearly_better, hits_to_run, per_query
 from .model import IMRNN
 from .scoring import blend, frozen_scores, nearest_similarity, novelty_gate, score_candidates
@@ -180,7 +181,7 @@ def calibrate_gate(model: IMRNN, memory: np.ndarray, validation: RankingSet, doc
     * `best`: the best mean, no gate on ties.
     """
     if rule not in GATE_RULES:
-        raise ValueError(f"gate rule must be one of {GATE_RULES}, got {rule!r}")
+        raise ConfigError(f"gate rule must be one of {GATE_RULES}, got {rule!r}.")
     adapted = torch.from_numpy(score_candidates(model, validation.query_embs, doc_embs, validation.candidates))
     base = torch.from_numpy(frozen_scores(validation.query_embs, np.asarray(doc_embs), validation.candidates))
     queries = torch.from_numpy(np.array(validation.query_embs, dtype=np.float32))
