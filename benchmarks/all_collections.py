@@ -36,7 +36,7 @@ from baselines import linear_adapter, rocchio
 from imrnn.candidates import RankingSet
 from imrnn.config import GATE_RULES, EncoderConfig, IMRNNConfig, TrainConfig
 from imrnn.data import load_dataset
-from imrnn.evaluate import Run, clearly_better, evaluate_run, hits_to_run
+from imrnn.evaluate import Run, clearly_better, evaluate_run, evaluated_queries, hits_to_run, per_query
 from imrnn.model import IMRNN
 from imrnn.scoring import score_candidates, sort_by_score
 from imrnn.train import GATE_THRESHOLDS, validation_ndcg, validation_values
@@ -152,6 +152,30 @@ def nested_validation(workspace: Workspace, plan: SplitPlan, recipe: TrainConfig
     return out
 
 
+def held_out_validation(workspace: Workspace, plan: SplitPlan, recipe: TrainConfig, model: IMRNNConfig) -> dict[str, np.ndarray]:
+    """The recipe judged on validation queries it never saw: validation is split in two seeded halves, the recipe
+    (feedback tuning, early stopping, every decision) uses one half and is scored on the other, both ways.
+
+    Unlike the validation column, nothing is selected on the queries that score it, so recipes that search more
+    (more epochs, more patience) get no credit for the search itself. Per-query nDCG@10 over all validation queries:
+    {"base", "recipe", "unseen"} ("unseen": a 0/1 mask of the queries none of whose relevant documents is relevant
+    to a training or other-half query)."""
+    ids = list(plan.validation.ids)
+    order = np.random.default_rng(recipe.seed).permutation(len(ids))
+    halves = [plan.validation.subset([ids[i] for i in part]) for part in (order[: len(ids) // 2], order[len(ids) // 2 :])]
+    out: dict[str, list[np.ndarray]] = {"base": [], "recipe": [], "unseen": []}
+    for selecting, scoring in (halves, halves[::-1]):
+        half_plan = SplitPlan(plan.train, selecting, scoring, {**plan.train.qrels, **selecting.qrels})
+        fit = train(workspace, half_plan, recipe, model, progress=False)
+        data = workspace.ranking(scoring)
+        out["recipe"].append(validation_values(fit.model, data, workspace.doc_embs, workspace.dataset.corpus.ids))
+        frozen = hits_to_run(data.query_ids, workspace.dataset.corpus.ids, data.candidates, workspace.frozen_scores(data))
+        out["base"].append(per_query(frozen, data.qrels, ["nDCG@10"])["nDCG@10"])
+        unseen = set(half_plan.unseen_relevant(scoring))
+        out["unseen"].append(np.array([q in unseen for q in evaluated_queries(scoring.qrels)], dtype=float))
+    return {key: np.concatenate(parts) for key, parts in out.items()}
+
+
 def weighted_mean(pairs: Sequence[tuple[float, int]]) -> float:
     """The mean over folds of (value, queries) pairs, weighted by queries: the mean over all their queries."""
     values, weights = zip(*pairs)
@@ -159,7 +183,7 @@ def weighted_mean(pairs: Sequence[tuple[float, int]]) -> float:
 
 
 def run_collection(name: str, recipe: TrainConfig, model: IMRNNConfig, variants: Sequence[str], nested: bool,
-                   baselines: bool) -> dict:
+                   baselines: bool, held_out: bool = False) -> dict:
     """Every system on one collection: per-system union comparison vs base, validation means, seconds."""
     plans, protocol = plans_for(name, recipe.seed, recipe.validation_fraction)
     workspace = Workspace.open(load_dataset(name, DATA_DIR, None, download=False), EncoderConfig(precision="fp32"), k=100,
@@ -170,6 +194,7 @@ def run_collection(name: str, recipe: TrainConfig, model: IMRNNConfig, variants:
     choices: list[dict] = []
     qrels, unseen = {}, []
     decisions: dict[str, list[tuple[float, int]]] = {}
+    held: dict[str, list[np.ndarray]] = {}
     for plan in plans:
         val_data, test_data = workspace.ranking(plan.validation), workspace.ranking(plan.test)
         n_val = len(val_data.query_ids)
@@ -190,6 +215,9 @@ def run_collection(name: str, recipe: TrainConfig, model: IMRNNConfig, variants:
             choices.append({"rocchio": {k: report[k] for k in ("beta", "m")},
                             "linear": {k: linear[k] for k in ("lr", "best_epoch")}})
         systems.update(recipe_variants(workspace, plan, recipe, model, variants))
+        if held_out:
+            for key, values in held_out_validation(workspace, plan, recipe, model).items():
+                held.setdefault(key, []).append(values)
         if nested:
             for key, value in nested_validation(workspace, plan, recipe, model).items():
                 decisions.setdefault(key, []).append((value, n_val))
@@ -199,6 +227,13 @@ def run_collection(name: str, recipe: TrainConfig, model: IMRNNConfig, variants:
             seconds[system] = seconds.get(system, 0.0) + secs
     out = {"protocol": protocol, "queries": len(qrels), "folds": choices, "systems": {},
            "nested_validation": {key: weighted_mean(pairs) for key, pairs in decisions.items()}}
+    if held:
+        pooled = {key: np.concatenate(parts) for key, parts in held.items()}
+        novel = pooled["unseen"] > 0
+        out["held_out_validation"] = {"queries": len(novel), "base": float(pooled["base"].mean()),
+                                      "recipe": float(pooled["recipe"].mean()), "unseen_queries": int(novel.sum()),
+                                      "unseen_base": float(pooled["base"][novel].mean()) if novel.any() else None,
+                                      "unseen_recipe": float(pooled["recipe"][novel].mean()) if novel.any() else None}
     for system, run in runs.items():
         overall = Comparison.of_runs(runs["base"], run, qrels)
         subset = {q: qrels[q] for q in unseen}
@@ -237,7 +272,7 @@ def tables(results: dict) -> str:
               "| mean rel. gain (validation) |", "|---|---:|---:|---:|---:|"]
     names = list(results["collections"])
     systems = list(next(iter(results["collections"].values()))["systems"])
-    for system in systems:
+    for system in (systems if DEFAULT_NAME in systems else []):  # the summary compares every system with the recipe
         gains = [relative(results["collections"][n]["systems"][system], results["collections"][n]["systems"]["base"]["test"]["adapted"]["nDCG@10"])
                  for n in names]
         val = [results["collections"][n]["systems"][system]["validation_nDCG@10"] / results["collections"][n]["systems"]["base"]["validation_nDCG@10"] - 1
@@ -245,6 +280,17 @@ def tables(results: dict) -> str:
         beaten = sum(results["collections"][n]["systems"][DEFAULT_NAME]["test"]["adapted"]["nDCG@10"]
                      > results["collections"][n]["systems"][system]["test"]["adapted"]["nDCG@10"] + 1e-9 for n in names)
         lines.append(f"| {system} | {np.mean(gains):+.1%} | {np.median(gains):+.1%} | {beaten}/{len(names)} | {np.mean(val):+.1%} |")
+    held = {n: res["held_out_validation"] for n, res in results["collections"].items() if "held_out_validation" in res}
+    if held:
+        gains = {n: h["recipe"] / h["base"] - 1.0 for n, h in held.items()}
+        lines += ["", "The recipe on held-out validation halves (chosen on one half, scored on the other): nDCG@10, "
+                  "relative gain; unseen-relevant validation queries in brackets.", "",
+                  "| collection | queries | base | recipe | rel. gain | unseen-relevant base → recipe (queries) |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for n, h in held.items():
+            unseen = "–" if h["unseen_base"] is None else f"{h['unseen_base']:.4f} → {h['unseen_recipe']:.4f} ({h['unseen_queries']})"
+            lines.append(f"| {n} | {h['queries']} | {h['base']:.4f} | {h['recipe']:.4f} | {gains[n]:+.2%} | {unseen} |")
+        lines.append(f"| mean | | | | {np.mean(list(gains.values())):+.2%} | |")
     decisions = [res.get("nested_validation", {}) for res in results["collections"].values()]
     if all(decisions):
         lines += ["", "Decision rules judged by 2-fold cross-validation inside each validation set (no test data): mean "
@@ -271,11 +317,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(COLLECTIONS))
     parser.add_argument("--output", type=Path, default=HERE / "results" / "collections.json")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
                         help="which recipe variants to train (default: all)")
     parser.add_argument("--no-nested", action="store_true", help="skip judging the decision rules by 2-fold "
                         "cross-validation inside validation (two extra trainings per split)")
     parser.add_argument("--no-baselines", action="store_true", help="skip Rocchio and the linear adapter")
+    parser.add_argument("--held-out", action="store_true", help="also judge the recipe on held-out validation halves "
+                        "(two extra trainings per split; for comparing candidate recipes without test data)")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="train a candidate recipe instead of the default (TrainConfig or IMRNNConfig fields, e.g. "
                              "loss=listwise lr=3e-3 hidden_dim=256); "
@@ -290,7 +338,7 @@ def main() -> None:
     for name in args.datasets:
         started = time.perf_counter()
         results["collections"][name] = run_collection(name, recipe, model, args.variants, not args.no_nested,
-                                                      not args.no_baselines)
+                                                      not args.no_baselines, args.held_out)
         print(f"{name}: {time.perf_counter() - started:.0f}s", flush=True)
         args.output.parent.mkdir(exist_ok=True)
         args.output.write_text(json.dumps(results, indent=2, default=float))  # after each collection: partial results survive

@@ -12,7 +12,7 @@ from conftest import randomised, unit
 from imrnn.candidates import ranking_set
 from imrnn.config import IMRNNConfig, TrainConfig
 from imrnn.errors import ConfigError
-from imrnn.feedback import feedback_ndcg, tune_feedback
+from imrnn.feedback import cross_validated, feedback_ndcg, tune_feedback
 from imrnn.index import exact_search
 from imrnn.model import IMRNN
 from imrnn.evaluate import clearly_better
@@ -85,6 +85,24 @@ def test_tuning_keeps_the_frozen_retriever_unless_feedback_measurably_helps():
     single = dataclasses.replace(data, qrels={q: {f"d{data.candidates[i, 0]}": 1} for i, q in enumerate(data.query_ids)})
     tuned, report = tune_feedback(config, [single], docs, ids)  # the top candidate is the only relevant one
     assert tuned.feedback_weight == 0.0 and tuned.feedback_docs == config.feedback_docs
+
+
+def test_cross_validated_selection_scores_each_query_by_an_option_chosen_without_it():
+    rng = np.random.default_rng(0)
+    options = [(0.0, 5)] + [(w, m) for w in (0.1, 0.25, 0.5, 1.0) for m in (1, 3, 5, 10)]
+    noise = {option: rng.random(40) for option in options}
+    honest = cross_validated(noise, options)
+    assert all(any(honest[i] == noise[o][i] for o in options) for i in range(40))
+    assert honest.mean() < max(v.mean() for v in noise.values())  # the best of 17 noisy options flatters itself
+    dominant = {option: np.full(40, 0.5) for option in options} | {(0.5, 3): np.full(40, 0.6)}
+    np.testing.assert_array_equal(cross_validated(dominant, options), np.full(40, 0.6))
+
+
+def test_cross_validated_tuning_keeps_feedback_that_helps():
+    config = IMRNNConfig(embedding_dim=24, hidden_dim=8)
+    docs, ids, data = feedback_task(helps=True)
+    tuned, report = tune_feedback(config, [data], docs, ids, rule="cross-validated")
+    assert tuned.feedback_weight > 0 and report["best"]["cross-validated nDCG@10"] > report["nDCG@10"]["frozen"]
 
 
 def test_training_starts_at_rocchio_and_never_ends_below_it_on_validation():

@@ -122,6 +122,41 @@ def test_training_improves_validation_and_is_reproducible(loss):
         torch.testing.assert_close(tensor, second.model.state_dict()[name], rtol=0, atol=0)
 
 
+def test_weight_averaging_keeps_the_moving_average_and_resumes_exactly(tmp_path):
+    docs, ids, train_set, val_set = synthetic_task()
+    model_config = IMRNNConfig(embedding_dim=32, hidden_dim=32, dropout=0.1)
+    config = TrainConfig(epochs=6, batch_size=32, lr=3e-3, candidates=50, seed=7, patience=6, ema_half_life=1.0)
+    averaged = train_adapter(model_config, config, docs, ids, train_set, val_set, progress=False)
+    assert averaged.best_validation > averaged.history[0]["val_nDCG@10"] + 0.01
+    raw = train_adapter(model_config, TrainConfig(**{**config.to_dict(), "ema_half_life": 0.0}), docs, ids, train_set,
+                        val_set, progress=False)
+    assert [r["loss"] for r in raw.history] == [r["loss"] for r in averaged.history]  # the same optimisation ...
+    assert any(not torch.equal(a, b) for a, b in zip(raw.model.state_dict().values(), averaged.model.state_dict().values()))
+
+    def stop_at_epoch_3(record: dict) -> None:
+        if record["epoch"] == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(model_config, config, docs, ids, train_set, val_set, progress=False, on_epoch=stop_at_epoch_3,
+                      state_dir=tmp_path / "state")
+    resumed = train_adapter(model_config, config, docs, ids, train_set, val_set, progress=False,
+                            state_dir=tmp_path / "state", resume=True)
+    assert resumed.history == averaged.history
+    for name, tensor in averaged.model.state_dict().items():  # ... but the average is what is kept, and it resumes
+        torch.testing.assert_close(tensor, resumed.model.state_dict()[name], rtol=0, atol=0)
+
+
+def test_a_very_long_averaging_half_life_stays_at_the_untrained_start():
+    docs, ids, train_set, val_set = synthetic_task()
+    model_config = IMRNNConfig(embedding_dim=32, hidden_dim=32, dropout=0.0)
+    config = TrainConfig(epochs=3, batch_size=32, lr=3e-3, candidates=50, seed=7, patience=6, ema_half_life=1e9)
+    result = train_adapter(model_config, config, docs, ids, train_set, val_set, progress=False)
+    torch.manual_seed(7)
+    start = IMRNN(model_config).eval()
+    for name, tensor in start.state_dict().items():
+        torch.testing.assert_close(result.model.state_dict()[name], tensor, rtol=0, atol=1e-6)
+
+
 def test_checkpoint_round_trip_gives_identical_scores(tmp_path):
     rng = np.random.default_rng(3)
     model = randomised(IMRNN(IMRNNConfig(embedding_dim=16, hidden_dim=8)))

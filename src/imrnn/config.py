@@ -11,6 +11,7 @@ from .errors import ConfigError
 
 LOSSES = ("listwise", "margin")
 GATE_RULES = ("abstain", "one-standard-error", "best")
+FEEDBACK_RULES = ("cross-validated", "in-sample")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -128,6 +129,8 @@ class TrainConfig:
     max_added_positives: int = setting(0, "Positives the first stage missed that are put into a training list.")
     validation_fraction: float = setting(0.15, "Share of training queries carved out for validation.")
     patience: int = setting(6, "Stop after this many epochs without a better validation nDCG@10.")
+    ema_half_life: float = setting(0.0, "Validate and keep an exponential moving average of the weights, with this "
+                                        "half-life in epochs (0: the raw weights of each epoch).")
     novelty_gate: bool = setting(False, "Calibrate a novelty gate on validation (blend towards the frozen score for queries "
                                         "unlike any training query); off by default, see the README.",
                                  flag="--novelty-gate/--no-novelty-gate")
@@ -136,6 +139,8 @@ class TrainConfig:
                                         "SE of the best) or best.")
     feedback: bool = setting(True, "Start from Rocchio feedback tuned on the training and validation queries "
                                    "(--no-feedback: from the frozen retriever).", flag="--feedback/--no-feedback")
+    feedback_rule: str = setting("in-sample", "How feedback tuning judges its gain: cross-validated (each query scored by the "
+                                               "option chosen without it) or in-sample (the best option's own mean).")
     keep_only_if_better: bool = setting(False, "Keep the trained adapter only if it beats its starting point (the tuned "
                                               "feedback) on validation by more than one standard error "
                                               "(default --always-keep: keep it whenever early stopping found a better epoch).",
@@ -159,6 +164,10 @@ class TrainConfig:
             raise ConfigError("lr and temperature must be > 0; margin and weight_decay >= 0.")
         if self.gate_rule not in GATE_RULES:
             raise ConfigError(f"gate_rule must be one of {GATE_RULES}, got {self.gate_rule!r}.")
+        if not (math.isfinite(self.ema_half_life) and self.ema_half_life >= 0):
+            raise ConfigError(f"ema_half_life must be a finite number of epochs >= 0, got {self.ema_half_life}.")
+        if self.feedback_rule not in FEEDBACK_RULES:
+            raise ConfigError(f"feedback_rule must be one of {FEEDBACK_RULES}, got {self.feedback_rule!r}.")
         if self.min_queries < 0:
             raise ConfigError(f"min_queries must be >= 0, got {self.min_queries}.")
         if not 0.0 < self.validation_fraction < 1.0:

@@ -42,6 +42,7 @@ class TrainState:
     best: dict[str, torch.Tensor]
     optimiser: dict[int, dict[str, Any]]
     rng: dict[str, Any] = field(default_factory=dict)
+    averaged: dict[str, torch.Tensor] = field(default_factory=dict)  # the moving average of the weights, if one is kept
 
 
 def fingerprint(*parts: Any) -> str:
@@ -92,6 +93,8 @@ def save_state(directory: str | Path, state: TrainState, key: str) -> Path:
         tensors[f"model/{name}"] = value
     for name, value in state.best.items():
         tensors[f"best/{name}"] = value
+    for name, value in state.averaged.items():
+        tensors[f"averaged/{name}"] = value
     optimiser_scalars: dict[str, dict[str, Any]] = {}
     for index, values in state.optimiser.items():
         for name, value in values.items():
@@ -183,7 +186,7 @@ def load_state(directory: str | Path, key: str) -> TrainState | None:
         optimiser: dict[int, dict[str, Any]] = {}
         for index, values in payload["optimiser_scalars"].items():
             optimiser.setdefault(int(index), {}).update(values)
-        parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "best": {}}
+        parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "best": {}, "averaged": {}}
         for name, tensor in tensors.items():
             kind, rest = name.split("/", 1)
             if kind == "optimiser":
@@ -200,7 +203,8 @@ def load_state(directory: str | Path, key: str) -> TrainState | None:
         if "rng/cuda" in tensors:
             rng["cuda"] = tensors["rng/cuda"]
         return TrainState(int(payload["epoch"]), int(payload["best_epoch"]), float(payload["best_score"]),
-                          int(payload["stale"]), list(payload["history"]), parts["model"], parts["best"], optimiser, rng)
+                          int(payload["stale"]), list(payload["history"]), parts["model"], parts["best"], optimiser, rng,
+                          parts["averaged"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"The training state in {folder} is incomplete ({err!r}). {fix}") from None
 

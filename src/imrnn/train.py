@@ -114,6 +114,7 @@ def train_adapter(
 
     key = training_key(model_config, config, doc_embs, doc_ids, train_set, validation_set) if state_dir is not None else ""
     restored = load_state(state_dir, key) if state_dir is not None and resume else None
+    averaged = _MovingAverage(model, config.ema_half_life, -(-len(queries) // config.batch_size))
     if restored is None:
         if state_dir is not None:
             clear_state(state_dir)
@@ -126,6 +127,8 @@ def train_adapter(
         restore_rng(restored.rng, generator, device)
         best_state, best_score, best_epoch, stale = restored.best, restored.best_score, restored.best_epoch, restored.stale
         history, first_epoch = restored.history, restored.epoch + 1
+        if averaged.model is not None:
+            averaged.model.load_state_dict(restored.averaged)
     last_epoch = config.epochs if stale < config.patience else first_epoch - 1
     bar = tqdm(range(first_epoch, last_epoch + 1), desc="training", disable=not progress, dynamic_ncols=True)
     for epoch in bar:
@@ -140,20 +143,23 @@ def train_adapter(
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
+            averaged.update(model)
             total, batches = total + loss.item(), batches + 1
-        val = validation_ndcg(model, validation_set, docs, doc_ids)
+        kept = averaged.model if averaged.model is not None else model  # the weights this epoch validates and early stopping may keep
+        val = validation_ndcg(kept, validation_set, docs, doc_ids)
         record = {"epoch": epoch, "loss": total / max(batches, 1), "val_nDCG@10": val}
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
         if val > best_score + 1e-6:
-            best_state, best_score, best_epoch, stale = copy.deepcopy(model.state_dict()), val, epoch, 0
+            best_state, best_score, best_epoch, stale = copy.deepcopy(kept.state_dict()), val, epoch, 0
         else:
             stale += 1
         bar.set_postfix(loss=f"{record['loss']:.4f}", val=f"{val:.4f}", best=f"{best_score:.4f}@{best_epoch}")
         if state_dir is not None:
             save_state(state_dir, TrainState(epoch, best_epoch, best_score, stale, history, model.state_dict(), best_state,
-                                             optimiser.state_dict()["state"], capture_rng(generator, device)), key)
+                                             optimiser.state_dict()["state"], capture_rng(generator, device),
+                                             averaged.model.state_dict() if averaged.model is not None else {}), key)
         if stale >= config.patience:
             break
     bar.close()
@@ -163,6 +169,23 @@ def train_adapter(
     if config.novelty_gate:
         model, gate = calibrate_gate(model, train_set.query_embs, validation_set, docs, doc_ids, config.gate_rule)
     return TrainResult(model, best_epoch, best_score, history, time.perf_counter() - start, gate)
+
+
+class _MovingAverage:
+    """An exponential moving average of a model's weights, updated after every optimiser step with the decay that
+    halves a step's weight after `half_life_epochs` epochs (so its smoothing does not depend on the training set's size).
+    It starts at the untrained model (the tuned feedback or the frozen retriever), which it shrinks the training
+    trajectory towards; `model` is None when averaging is off (half-life 0)."""
+
+    def __init__(self, model: IMRNN, half_life_epochs: float, steps_per_epoch: int) -> None:
+        self.model = copy.deepcopy(model).eval() if half_life_epochs > 0 else None
+        self.weight = 1.0 - 0.5 ** (1.0 / (half_life_epochs * steps_per_epoch)) if half_life_epochs > 0 else 0.0
+
+    @torch.no_grad()
+    def update(self, model: IMRNN) -> None:
+        if self.model is not None:
+            for average, current in zip(self.model.parameters(), model.parameters()):
+                average.lerp_(current, self.weight)
 
 
 GATE_THRESHOLDS = tuple(round(0.30 + 0.05 * i, 2) for i in range(14))  # 0.30 ... 0.95

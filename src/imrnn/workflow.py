@@ -163,7 +163,8 @@ def train(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig = Tra
     judged = len(evaluated_queries(plan.train.qrels)) + len(evaluated_queries(plan.validation.qrels))
     recipe: dict[str, Any] = {"judged_queries": judged, "min_queries": train_config.min_queries}
     if train_config.feedback:
-        model_config, recipe["feedback"] = tune_feedback(model_config, [plain_train, validation_set], workspace.doc_embs, doc_ids)
+        model_config, recipe["feedback"] = tune_feedback(model_config, [plain_train, validation_set], workspace.doc_embs, doc_ids,
+                                                          rule=train_config.feedback_rule, seed=train_config.seed)
     if judged < train_config.min_queries:
         recipe.update(trained=False, reason=f"{judged} judged training and validation queries, fewer than "
                       f"{train_config.min_queries}: an adapter cannot be trusted here, so nothing was trained")
