@@ -129,7 +129,7 @@ class TrainConfig:
     max_added_positives: int = setting(0, "Positives the first stage missed that are put into a training list.")
     validation_fraction: float = setting(0.15, "Share of training queries carved out for validation.")
     patience: int = setting(6, "Stop after this many epochs without a better validation nDCG@10.")
-    ema_half_life: float = setting(0.0, "Validate and keep an exponential moving average of the weights, with this "
+    ema_half_life: float = setting(1.0, "Validate and keep an exponential moving average of the weights, with this "
                                         "half-life in epochs (0: the raw weights of each epoch).")
     novelty_gate: bool = setting(False, "Calibrate a novelty gate on validation (blend towards the frozen score for queries "
                                         "unlike any training query); off by default, see the README.",
@@ -139,7 +139,7 @@ class TrainConfig:
                                         "SE of the best) or best.")
     feedback: bool = setting(True, "Start from Rocchio feedback tuned on the training and validation queries "
                                    "(--no-feedback: from the frozen retriever).", flag="--feedback/--no-feedback")
-    feedback_rule: str = setting("in-sample", "How feedback tuning judges its gain: cross-validated (each query scored by the "
+    feedback_rule: str = setting("cross-validated", "How feedback tuning judges its gain: cross-validated (each query scored by the "
                                                "option chosen without it) or in-sample (the best option's own mean).")
     keep_only_if_better: bool = setting(False, "Keep the trained adapter only if it beats its starting point (the tuned "
                                               "feedback) on validation by more than one standard error "

@@ -48,7 +48,7 @@ def feedback_ndcg(config: IMRNNConfig, rankings: Sequence[RankingSet], doc_embs:
 
 def tune_feedback(config: IMRNNConfig, rankings: Sequence[RankingSet], doc_embs: np.ndarray, doc_ids: np.ndarray,
                   weights: Sequence[float] = FEEDBACK_WEIGHTS, sizes: Sequence[int] = FEEDBACK_SIZES,
-                  require_clear_gain: bool = True, rule: str = "in-sample", seed: int = 0) -> tuple[IMRNNConfig, dict]:
+                  require_clear_gain: bool = True, rule: str = "cross-validated", seed: int = 0) -> tuple[IMRNNConfig, dict]:
     """`config` with the Rocchio weight and feedback size of the best mean nDCG@10 over `rankings`, and a report.
 
     The best option is kept only if it beats the frozen retriever (beta = 0) by more than one paired standard error
