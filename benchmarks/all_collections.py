@@ -14,7 +14,9 @@ test folds is reported). Every system re-ranks the same frozen top-100 and is tu
 The decision rules (Rocchio start, gate rule, acceptance test) are also judged without test data, by 2-fold
 cross-validation inside each validation set (`nested_validation`); that table and the validation columns are what
 the recipe was chosen on (README "How the default recipe was chosen"); test columns are reported, never used to
-choose. `--set loss=listwise` (any TrainConfig or IMRNNConfig field) runs a candidate recipe instead of the default.
+choose. `--held-out` also scores the recipe on validation queries it never selected on (`held_out_validation`: it
+decides on one half of each validation set, is scored on the other): the figure candidate recipes are compared by.
+`--set loss=listwise` (any TrainConfig or IMRNNConfig field) runs a candidate recipe instead of the default.
 Writes benchmarks/results/collections.json (after each collection) and prints markdown tables for RESULTS.md.
 """
 

@@ -287,8 +287,10 @@ def _fit(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig, model
             f"(nDCG@10 {feedback['nDCG@10']['frozen']:.4f} frozen -> {feedback['nDCG@10']['chosen']:.4f})")
     elif feedback is not None:
         best = feedback["best"]
-        beaten = (f"is not clearly beaten (best: beta {best['beta']}, m {best['m']}, {best['nDCG@10']:.4f})" if best["beta"]
-                  else "is the best of the feedback options")
+        honest = best.get("cross-validated nDCG@10")
+        judged = f", cross-validated {honest:.4f}" if honest is not None else ""
+        beaten = (f"is not clearly beaten (best: beta {best['beta']}, m {best['m']}, {best['nDCG@10']:.4f}{judged})"
+                  if best["beta"] else "is the best of the feedback options")
         log(f"no feedback: on {feedback['queries']} training and validation queries the frozen retriever's nDCG@10 "
             f"{feedback['nDCG@10']['frozen']:.4f} {beaten}")
     if trained.recipe.get("warning"):
