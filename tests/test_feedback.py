@@ -96,6 +96,8 @@ def test_cross_validated_selection_scores_each_query_by_an_option_chosen_without
     assert honest.mean() < max(v.mean() for v in noise.values())  # the best of 17 noisy options flatters itself
     dominant = {option: np.full(40, 0.5) for option in options} | {(0.5, 3): np.full(40, 0.6)}
     np.testing.assert_array_equal(cross_validated(dominant, options), np.full(40, 0.6))
+    single = {option: np.array([0.3 + option[0]]) for option in options}  # one query: nothing to hold out
+    np.testing.assert_array_equal(cross_validated(single, options), single[options[0]])
 
 
 def test_cross_validated_tuning_keeps_feedback_that_helps():
@@ -103,6 +105,8 @@ def test_cross_validated_tuning_keeps_feedback_that_helps():
     docs, ids, data = feedback_task(helps=True)
     tuned, report = tune_feedback(config, [data], docs, ids, rule="cross-validated")
     assert tuned.feedback_weight > 0 and report["best"]["cross-validated nDCG@10"] > report["nDCG@10"]["frozen"]
+    with pytest.raises(ConfigError, match="feedback rule must be one of"):
+        tune_feedback(config, [data], docs, ids, rule="lucky")
 
 
 def test_training_starts_at_rocchio_and_never_ends_below_it_on_validation():

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from .candidates import RankingSet
-from .config import IMRNNConfig
+from .config import FEEDBACK_RULES, IMRNNConfig
+from .errors import ConfigError
 from .evaluate import clearly_better, hits_to_run, per_query
 from .model import IMRNN, CorpusCache
 from .scoring import sort_by_score
@@ -57,6 +58,8 @@ def tune_feedback(config: IMRNNConfig, rankings: Sequence[RankingSet], doc_embs:
     17); `cross-validated`, each query's value under the option chosen on the other folds (`cross_validated`), an
     honest estimate of what the selection gains on queries it did not see. `require_clear_gain=False` keeps the best
     mean whatever its margin (textbook Rocchio tuning). The report lists every option's mean."""
+    if rule not in FEEDBACK_RULES:
+        raise ConfigError(f"feedback rule must be one of {FEEDBACK_RULES}, got {rule!r}.")
     frozen = (0.0, config.feedback_docs)
     options = [frozen] + [(w, m) for w in weights if w > 0 for m in sizes]
     corpus = IMRNN(config).eval().cache_corpus(doc_embs)
@@ -78,9 +81,12 @@ def tune_feedback(config: IMRNNConfig, rankings: Sequence[RankingSet], doc_embs:
 def cross_validated(values: dict[tuple[float, int], np.ndarray], options: Sequence[tuple[float, int]], seed: int = 0,
                     folds: int = SELECTION_FOLDS) -> np.ndarray:
     """Per-query values of the selection itself, out of sample: the queries are dealt into `folds` seeded folds and
-    each fold is scored by the option with the best mean on the other folds (the frozen retriever among them)."""
+    each fold is scored by the option with the best mean on the other folds (the frozen retriever, first, among them).
+    With fewer than two queries there is nothing to hold out, and the first option's values are returned."""
     n = len(values[options[0]])
-    fold_of = np.random.default_rng(seed).permutation(n) % max(2, min(folds, n))
+    if min(folds, n) < 2:  # nothing to hold out: the selection cannot be shown to beat the first option
+        return np.array(values[options[0]], dtype=np.float64)
+    fold_of = np.random.default_rng(seed).permutation(n) % min(folds, n)
     out = np.empty(n)
     for fold in np.unique(fold_of):
         inside = fold_of != fold

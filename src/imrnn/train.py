@@ -145,7 +145,7 @@ def train_adapter(
             optimiser.step()
             averaged.update(model)
             total, batches = total + loss.item(), batches + 1
-        kept = averaged.model if averaged.model is not None else model  # the weights this epoch validates and early stopping may keep
+        kept = averaged.model if averaged.model is not None else model  # what this epoch validates and may keep
         val = validation_ndcg(kept, validation_set, docs, doc_ids)
         record = {"epoch": epoch, "loss": total / max(batches, 1), "val_nDCG@10": val}
         history.append(record)
