@@ -104,8 +104,11 @@ def main() -> None:
                 f"other loss ({other_loss})": (full, TrainConfig(loss=other_loss)),
                 "without Rocchio start (feedback)": (full, TrainConfig(feedback=False)),
                 "with novelty gate (abstain rule)": (full, TrainConfig(novelty_gate=True)),
-                "previous default (no feedback, gate by one SE)": (full, TrainConfig(feedback=False, novelty_gate=True,
-                                                                                     gate_rule="one-standard-error")),
+                "without weight averaging": (full, TrainConfig(ema_half_life=0.0)),
+                "previous default (raw weights, in-sample feedback rule)": (full, TrainConfig(ema_half_life=0.0,
+                                                                                              feedback_rule="in-sample")),
+                "first default (no feedback, gate by one SE, raw weights)": (full, TrainConfig(
+                    feedback=False, novelty_gate=True, gate_rule="one-standard-error", ema_half_life=0.0)),
             }
         for label, (model_config, train_config) in variants.items():
             plan = SplitPlan.official(data, "train", args.validation, "test", train_config.validation_fraction, train_config.seed)
