@@ -91,6 +91,11 @@ def test_invalid_train_config_is_refused():
         TrainConfig(loss="pointwise")
     with pytest.raises(ConfigError, match="epochs"):
         TrainConfig(epochs=0)
+    with pytest.raises(ConfigError, match="feedback_rule must be one of"):
+        TrainConfig(feedback_rule="lucky")
+    for half_life in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="ema_half_life"):
+            TrainConfig(ema_half_life=half_life)
 
 
 def synthetic_task(seed: int = 0, n_docs: int = 600, dim: int = 32):

@@ -24,7 +24,7 @@ from .scoring import sort_by_score
 
 FEEDBACK_WEIGHTS = (0.1, 0.25, 0.5, 1.0)  # beta = 0 (no feedback) is always tried as well
 FEEDBACK_SIZES = (1, 3, 5, 10)
-SELECTION_FOLDS = 5
+SELECTION_FOLDS = 5  # folds over the tuning queries that judge the selection out of sample (`cross_validated`)
 _DEPTH = 20  # nDCG@10 reads the top 10; a margin keeps score ties at rank 10 in the run, as trec_eval orders them
 
 
