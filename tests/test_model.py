@@ -152,6 +152,18 @@ def test_weight_averaging_keeps_the_moving_average_and_resumes_exactly(tmp_path)
         torch.testing.assert_close(tensor, resumed.model.state_dict()[name], rtol=0, atol=0)
 
 
+def test_a_training_state_without_its_weight_average_is_refused_with_a_clear_error(tmp_path):
+    docs, ids, train_set, val_set = synthetic_task()
+    model_config = IMRNNConfig(embedding_dim=32, hidden_dim=32, dropout=0.0)
+    config = TrainConfig(epochs=2, batch_size=32, lr=3e-3, candidates=50, seed=7, patience=6, ema_half_life=1.0)
+    train_adapter(model_config, config, docs, ids, train_set, val_set, progress=False, state_dir=tmp_path / "state")
+    (saved,) = (tmp_path / "state").glob("epoch-*/state.safetensors")
+    save_file({k: v for k, v in load_file(str(saved)).items() if not k.startswith("averaged/")}, str(saved))
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        train_adapter(model_config, config, docs, ids, train_set, val_set, progress=False, state_dir=tmp_path / "state",
+                      resume=True)
+
+
 def test_a_very_long_averaging_half_life_stays_at_the_untrained_start():
     docs, ids, train_set, val_set = synthetic_task()
     model_config = IMRNNConfig(embedding_dim=32, hidden_dim=32, dropout=0.0)

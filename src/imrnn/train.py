@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .config import GATE_RULES, IMRNNConfig, TrainConfig
 from .candidates import RankingSet
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .evaluate import clearly_better, hits_to_run, per_query
 from .model import IMRNN
 from .scoring import blend, frozen_scores, nearest_similarity, novelty_gate, score_candidates
@@ -122,13 +122,17 @@ def train_adapter(
         history = [{"epoch": 0, "loss": None, "val_nDCG@10": best_score}]
         stale, first_epoch = 0, 1
     else:  # continue exactly where the saved epoch ended
-        model.load_state_dict(restored.model)
+        try:
+            model.load_state_dict(restored.model)
+            if averaged.model is not None:
+                averaged.model.load_state_dict(restored.averaged)
+        except RuntimeError as err:  # tensors missing or of another shape: a damaged state
+            raise CheckpointError(f"The training state in {state_dir} does not fit this model ({str(err).splitlines()[0]}). "
+                                  f"Delete {state_dir} (or train without --resume) to start over.") from None
         optimiser.load_state_dict({**optimiser.state_dict(), "state": restored.optimiser})
         restore_rng(restored.rng, generator, device)
         best_state, best_score, best_epoch, stale = restored.best, restored.best_score, restored.best_epoch, restored.stale
         history, first_epoch = restored.history, restored.epoch + 1
-        if averaged.model is not None:
-            averaged.model.load_state_dict(restored.averaged)
     last_epoch = config.epochs if stale < config.patience else first_epoch - 1
     bar = tqdm(range(first_epoch, last_epoch + 1), desc="training", disable=not progress, dynamic_ncols=True)
     for epoch in bar:
