@@ -80,9 +80,10 @@ VARIANTS: dict[str, dict] = dict([  # TrainConfig changes from the recipe under 
     _switch("novelty_gate", "novelty gate (abstain rule)"),
     _switch("keep_only_if_better", "acceptance test"),
     ("without few-query fallback", {"min_queries": 0}),
-    ("previous default", {"ema_half_life": 0.0, "feedback_rule": "in-sample"}),
-    ("first default", {"feedback": False, "novelty_gate": True, "gate_rule": "one-standard-error",
-                       "keep_only_if_better": False, "min_queries": 0, "ema_half_life": 0.0, "feedback_rule": "in-sample"}),
+    ("previous default", {"plateau_average": False}),
+    ("earlier default", {"ema_half_life": 0.0, "feedback_rule": "in-sample", "plateau_average": False}),
+    ("first default", {"feedback": False, "novelty_gate": True, "gate_rule": "one-standard-error", "keep_only_if_better": False,
+                       "min_queries": 0, "ema_half_life": 0.0, "feedback_rule": "in-sample", "plateau_average": False}),
 ])
 
 

@@ -105,10 +105,12 @@ def main() -> None:
                 "without Rocchio start (feedback)": (full, TrainConfig(feedback=False)),
                 "with novelty gate (abstain rule)": (full, TrainConfig(novelty_gate=True)),
                 "without weight averaging": (full, TrainConfig(ema_half_life=0.0)),
-                "previous default (raw weights, in-sample feedback rule)": (full, TrainConfig(ema_half_life=0.0,
-                                                                                              feedback_rule="in-sample")),
-                "first default (no feedback, gate by one SE, raw weights)": (full, TrainConfig(
-                    feedback=False, novelty_gate=True, gate_rule="one-standard-error", ema_half_life=0.0)),
+                "previous default (best epoch, not the plateau's mean)": (full, TrainConfig(plateau_average=False)),
+                "earlier default (raw weights, in-sample feedback rule, best epoch)": (full, TrainConfig(
+                    ema_half_life=0.0, feedback_rule="in-sample", plateau_average=False)),
+                "first default (no feedback, gate by one SE, raw weights, best epoch)": (full, TrainConfig(
+                    feedback=False, novelty_gate=True, gate_rule="one-standard-error", ema_half_life=0.0,
+                    plateau_average=False)),
             }
         for label, (model_config, train_config) in variants.items():
             plan = SplitPlan.official(data, "train", args.validation, "test", train_config.validation_fraction, train_config.seed)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import select
 import signal
 import subprocess
@@ -174,11 +175,18 @@ def reference_training():
 
 
 def assert_state_folder_is_clean(state: Path, note: str) -> None:
-    """Every published epoch folder is complete and readable (only `.tmp-*` build folders may be partial)."""
+    """Every published epoch folder and epoch snapshot is complete and readable (only `.tmp-*` build folders and
+    `.*.tmp<pid>` snapshot files may be partial)."""
     if not state.exists():
         return
     for folder in state.iterdir():
         if folder.name.startswith(".tmp-"):
+            continue
+        if folder.name == "snapshots":
+            for snapshot in folder.iterdir():
+                if not snapshot.name.startswith("."):
+                    assert re.fullmatch(r"epoch-\d{5}\.safetensors", snapshot.name), f"{note}: {snapshot}"
+                    assert "validation" in load_file(str(snapshot)), f"{note}: {snapshot}"
             continue
         assert folder.name.startswith("epoch-"), f"{note}: {folder}"
         assert sorted(p.name for p in folder.iterdir()) == ["state.json", "state.safetensors"], note

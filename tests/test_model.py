@@ -21,7 +21,8 @@ from imrnn import model as model_module
 from imrnn.model import IMRNN
 from imrnn.candidates import ranking_set
 from imrnn.scoring import score_candidates
-from imrnn.train import train_adapter
+from imrnn.resume import Snapshot
+from imrnn.train import plateau_average, train_adapter
 
 
 def test_untrained_identity_adapter_reproduces_base_ranking():
@@ -128,6 +129,18 @@ def test_training_improves_validation_and_is_reproducible(loss):
         torch.testing.assert_close(tensor, second.model.state_dict()[name], rtol=0, atol=0)
 
 
+def interrupted_and_resumed(model_config, config, docs, ids, train_set, val_set, state_dir, on_stop=lambda state: None):
+    """`train_adapter` interrupted after epoch 3 (its state saved in `state_dir`), then resumed to the end."""
+    def stop_at_epoch_3(record: dict) -> None:
+        if record["epoch"] == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(model_config, config, docs, ids, train_set, val_set, progress=False, on_epoch=stop_at_epoch_3,
+                      state_dir=state_dir)
+    on_stop(state_dir)
+    return train_adapter(model_config, config, docs, ids, train_set, val_set, progress=False, state_dir=state_dir, resume=True)
+
+
 def test_weight_averaging_keeps_the_moving_average_and_resumes_exactly(tmp_path):
     docs, ids, train_set, val_set = synthetic_task()
     model_config = IMRNNConfig(embedding_dim=32, hidden_dim=32, dropout=0.1)
@@ -139,14 +152,7 @@ def test_weight_averaging_keeps_the_moving_average_and_resumes_exactly(tmp_path)
     assert [r["loss"] for r in raw.history] == [r["loss"] for r in averaged.history]  # the same optimisation ...
     assert any(not torch.equal(a, b) for a, b in zip(raw.model.state_dict().values(), averaged.model.state_dict().values()))
 
-    def stop_at_epoch_3(record: dict) -> None:
-        if record["epoch"] == 3:
-            raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        train_adapter(model_config, config, docs, ids, train_set, val_set, progress=False, on_epoch=stop_at_epoch_3,
-                      state_dir=tmp_path / "state")
-    resumed = train_adapter(model_config, config, docs, ids, train_set, val_set, progress=False,
-                            state_dir=tmp_path / "state", resume=True)
+    resumed = interrupted_and_resumed(model_config, config, docs, ids, train_set, val_set, tmp_path / "state")
     assert resumed.history == averaged.history
     for name, tensor in averaged.model.state_dict().items():  # ... but the average is what is kept, and it resumes
         torch.testing.assert_close(tensor, resumed.model.state_dict()[name], rtol=0, atol=0)
@@ -160,6 +166,54 @@ def test_a_training_state_without_its_weight_average_is_refused_with_a_clear_err
     (saved,) = (tmp_path / "state").glob("epoch-*/state.safetensors")
     save_file({k: v for k, v in load_file(str(saved)).items() if not k.startswith("averaged/")}, str(saved))
     with pytest.raises(CheckpointError, match="does not fit this model"):
+        train_adapter(model_config, config, docs, ids, train_set, val_set, progress=False, state_dir=tmp_path / "state",
+                      resume=True)
+
+
+def test_plateau_average_is_the_mean_of_the_epochs_validation_cannot_tell_from_the_best():
+    rng = np.random.default_rng(0)
+    best = rng.uniform(0.5, 1.0, 200)
+    tied = best - rng.normal(0.0, 0.05, 200)  # differs per query, not on average: within one standard error
+    worse = best - 0.2
+    snapshots = [Snapshot(e, {"w": torch.full((2, 2), float(e))}, v) for e, v in ((0, worse), (1, tied), (2, best), (3, tied))]
+    weights, epochs = plateau_average(snapshots, best_epoch=2)
+    assert epochs == [1, 2, 3]
+    torch.testing.assert_close(weights["w"], torch.full((2, 2), 2.0))
+    weights, epochs = plateau_average(snapshots[:1], best_epoch=0)  # nothing trained better: the start alone
+    assert epochs == [0] and torch.equal(weights["w"], torch.zeros(2, 2))
+
+
+def test_plateau_averaging_keeps_the_mean_of_its_epochs_resumes_exactly_and_records_them(tmp_path):
+    docs, ids, train_set, val_set = synthetic_task()
+    model_config = IMRNNConfig(embedding_dim=32, hidden_dim=32, dropout=0.1)
+    config = TrainConfig(epochs=12, batch_size=32, lr=1e-2, candidates=50, seed=7, patience=12)
+    assert config.plateau_average  # the default
+    averaged = train_adapter(model_config, config, docs, ids, train_set, val_set, progress=False)
+    single = train_adapter(model_config, TrainConfig(**{**config.to_dict(), "plateau_average": False}), docs, ids,
+                           train_set, val_set, progress=False)
+    assert single.averaged_epochs == [single.best_epoch] and averaged.best_epoch == single.best_epoch
+    assert len(averaged.averaged_epochs) > 1 and averaged.best_epoch in averaged.averaged_epochs
+    assert averaged.best_validation > averaged.history[0]["val_nDCG@10"] + 0.01
+    assert any(not torch.equal(a, b) for a, b in zip(single.model.state_dict().values(), averaged.model.state_dict().values()))
+
+    saved = []
+    resumed = interrupted_and_resumed(model_config, config, docs, ids, train_set, val_set, tmp_path / "state",
+                                      on_stop=lambda state: saved.extend(sorted(p.name for p in (state / "snapshots").iterdir())))
+    assert saved == [f"epoch-0000{e}.safetensors" for e in range(4)]
+    assert resumed.averaged_epochs == averaged.averaged_epochs and resumed.history == averaged.history
+    for name, tensor in averaged.model.state_dict().items():
+        torch.testing.assert_close(tensor, resumed.model.state_dict()[name], rtol=0, atol=0)
+    train_adapter(model_config, config, docs, ids, train_set, val_set, progress=False, state_dir=tmp_path / "state")
+    assert len(list((tmp_path / "state" / "snapshots").iterdir())) == len(averaged.history)  # a fresh run starts over
+
+
+def test_a_training_state_with_a_lost_snapshot_is_refused_with_a_clear_error(tmp_path):
+    docs, ids, train_set, val_set = synthetic_task()
+    model_config = IMRNNConfig(embedding_dim=32, hidden_dim=32, dropout=0.0)
+    config = TrainConfig(epochs=2, batch_size=32, lr=3e-3, candidates=50, seed=7, patience=6)
+    train_adapter(model_config, config, docs, ids, train_set, val_set, progress=False, state_dir=tmp_path / "state")
+    (tmp_path / "state" / "snapshots" / "epoch-00001.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="snapshot of epoch 1"):
         train_adapter(model_config, config, docs, ids, train_set, val_set, progress=False, state_dir=tmp_path / "state",
                       resume=True)
 

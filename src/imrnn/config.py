@@ -131,6 +131,9 @@ class TrainConfig:
     patience: int = setting(6, "Stop after this many epochs without a better validation nDCG@10.")
     ema_half_life: float = setting(1.0, "Validate and keep an exponential moving average of the weights, with this "
                                         "half-life in epochs (0: the raw weights of each epoch).")
+    plateau_average: bool = setting(True, "Keep the mean weights of the epochs validation cannot tell from the best one "
+                                          "(within one paired standard error), not the best epoch alone (--best-epoch).",
+                                    flag="--plateau-average/--best-epoch")
     novelty_gate: bool = setting(False, "Calibrate a novelty gate on validation (blend towards the frozen score for queries "
                                         "unlike any training query); off by default, see the README.",
                                  flag="--novelty-gate/--no-novelty-gate")

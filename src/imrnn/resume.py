@@ -1,4 +1,5 @@
-"""Resumable training state: model, optimiser, RNG streams, best-so-far and history after each epoch.
+"""Resumable training state: model, optimiser, RNG streams, best-so-far and history after each epoch, plus a
+snapshot of every validated epoch's weights for plateau averaging.
 
 One folder per saved epoch (`epoch-00007/`: `state.safetensors` + `state.json`, no pickle), built under a
 temporary name and published by an atomic rename, so a kill at any moment leaves either the previous epoch
@@ -23,10 +24,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
-from .files import publish_folder, remove_folder, temporary_folder_beside
+from .files import atomic_write_with, publish_folder, remove_folder, temporary_folder_beside
 
 STATE_FORMAT = 1
 _EPOCH_DIR = re.compile(r"^epoch-(\d{5,})$")
+SNAPSHOTS = "snapshots"  # one file per validated epoch (weights + per-query validation values), for plateau averaging
 
 
 @dataclass
@@ -43,6 +45,15 @@ class TrainState:
     optimiser: dict[int, dict[str, Any]]
     rng: dict[str, Any] = field(default_factory=dict)
     averaged: dict[str, torch.Tensor] = field(default_factory=dict)  # the moving average of the weights, if one is kept
+
+
+@dataclass
+class Snapshot:
+    """One validated epoch: the weights validation scored and its per-query nDCG@10 (epoch 0: the untrained start)."""
+
+    epoch: int
+    weights: dict[str, torch.Tensor]
+    validation: np.ndarray
 
 
 def fingerprint(*parts: Any) -> str:
@@ -141,6 +152,30 @@ def _leftover(path: Path) -> bool:
     return path.name.startswith(".tmp-") or bool(_EPOCH_DIR.match(path.name))
 
 
+def save_snapshot(directory: str | Path, snapshot: Snapshot) -> Path:
+    """Keep one epoch's validated weights and per-query validation nDCG@10 in `<directory>/snapshots/` (atomically;
+    written before that epoch's state, so every saved state has the snapshots of its epochs)."""
+    tensors = {f"model/{name}": value.detach().cpu().contiguous() for name, value in snapshot.weights.items()}
+    tensors["validation"] = torch.from_numpy(np.ascontiguousarray(snapshot.validation, dtype=np.float64))
+    path = Path(directory) / SNAPSHOTS / f"epoch-{snapshot.epoch:05d}.safetensors"
+    return atomic_write_with(path, lambda name: save_file(tensors, name))
+
+
+def load_snapshots(directory: str | Path, last_epoch: int) -> list[Snapshot]:
+    """The snapshots of epochs 0..`last_epoch` saved by `save_snapshot`; CheckpointError if one is missing or damaged."""
+    out = []
+    for epoch in range(last_epoch + 1):
+        path = Path(directory) / SNAPSHOTS / f"epoch-{epoch:05d}.safetensors"
+        try:
+            tensors = load_file(str(path))
+            validation = tensors.pop("validation").numpy()
+        except (OSError, SafetensorError, KeyError) as err:
+            raise CheckpointError(f"The training state in {directory} lacks a usable snapshot of epoch {epoch} ({err!r}). "
+                                  f"Delete {directory} (or train without --resume) to start over.") from None
+        out.append(Snapshot(epoch, {name.removeprefix("model/"): value for name, value in tensors.items()}, validation))
+    return out
+
+
 def discard_state(directory: str | Path) -> None:
     """Remove a whole state folder (after its checkpoint was written)."""
     remove_folder(directory)
@@ -153,6 +188,7 @@ def clear_state(directory: str | Path) -> None:
         for other in directory.iterdir():
             if _leftover(other):
                 remove_folder(other)
+        remove_folder(directory / SNAPSHOTS)
 
 
 def has_state(directory: str | Path) -> bool:

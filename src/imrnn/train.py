@@ -20,7 +20,8 @@ from .errors import CheckpointError, ConfigError
 from .evaluate import clearly_better, hits_to_run, per_query
 from .model import IMRNN
 from .scoring import blend, frozen_scores, nearest_similarity, novelty_gate, score_candidates
-from .resume import TrainState, capture_rng, clear_state, load_state, restore_rng, save_state, training_key
+from .resume import (Snapshot, TrainState, capture_rng, clear_state, load_snapshots, load_state, restore_rng, save_snapshot,
+                     save_state, training_key)
 
 @dataclass
 class TrainResult:
@@ -31,6 +32,7 @@ class TrainResult:
     seconds: float = 0.0
     gate: dict | None = None
     recipe: dict = field(default_factory=dict)  # what was selected on which queries (feedback, training or not)
+    averaged_epochs: list[int] = field(default_factory=list)  # the epochs whose mean weights were kept
 
 
 def seed_everything(seed: int) -> None:
@@ -96,7 +98,8 @@ def train_adapter(
     state_dir: Path | None = None,
     resume: bool = False,
 ) -> TrainResult:
-    """Train on `train_set`, keep the epoch with the best validation nDCG@10, stop after `patience` epochs without gain.
+    """Train on `train_set`, keep the epoch with the best validation nDCG@10 (with `plateau_average`, the mean of the
+    epochs validation cannot tell from it), stop after `patience` epochs without gain.
 
     With `state_dir`, the whole training state (model, optimiser, RNG streams, best epoch, history) is saved there
     atomically after every epoch; with `resume`, training continues from the last saved epoch and ends with the
@@ -115,10 +118,20 @@ def train_adapter(
     key = training_key(model_config, config, doc_embs, doc_ids, train_set, validation_set) if state_dir is not None else ""
     restored = load_state(state_dir, key) if state_dir is not None and resume else None
     averaged = _MovingAverage(model, config.ema_half_life, -(-len(queries) // config.batch_size))
+    snapshots: list[Snapshot] = []
+
+    def keep_snapshot(snapshot: Snapshot) -> None:
+        if config.plateau_average:
+            snapshots.append(snapshot)
+            if state_dir is not None:
+                save_snapshot(state_dir, snapshot)
+
     if restored is None:
         if state_dir is not None:
             clear_state(state_dir)
-        best_state, best_score, best_epoch = copy.deepcopy(model.state_dict()), validation_ndcg(model, validation_set, docs, doc_ids), 0
+        start_values = validation_values(model, validation_set, docs, doc_ids)
+        best_state, best_score, best_epoch = copy.deepcopy(model.state_dict()), float(start_values.mean()), 0
+        keep_snapshot(Snapshot(0, best_state, start_values))
         history = [{"epoch": 0, "loss": None, "val_nDCG@10": best_score}]
         stale, first_epoch = 0, 1
     else:  # continue exactly where the saved epoch ended
@@ -133,6 +146,8 @@ def train_adapter(
         restore_rng(restored.rng, generator, device)
         best_state, best_score, best_epoch, stale = restored.best, restored.best_score, restored.best_epoch, restored.stale
         history, first_epoch = restored.history, restored.epoch + 1
+        if config.plateau_average:
+            snapshots[:] = load_snapshots(state_dir, restored.epoch)
     last_epoch = config.epochs if stale < config.patience else first_epoch - 1
     bar = tqdm(range(first_epoch, last_epoch + 1), desc="training", disable=not progress, dynamic_ncols=True)
     for epoch in bar:
@@ -150,7 +165,9 @@ def train_adapter(
             averaged.update(model)
             total, batches = total + loss.item(), batches + 1
         kept = averaged.model if averaged.model is not None else model  # what this epoch validates and may keep
-        val = validation_ndcg(kept, validation_set, docs, doc_ids)
+        values = validation_values(kept, validation_set, docs, doc_ids)
+        val = float(values.mean())
+        keep_snapshot(Snapshot(epoch, copy.deepcopy(kept.state_dict()), values))
         record = {"epoch": epoch, "loss": total / max(batches, 1), "val_nDCG@10": val}
         history.append(record)
         if on_epoch is not None:
@@ -168,11 +185,38 @@ def train_adapter(
             break
     bar.close()
     model.load_state_dict(best_state)
+    averaged_epochs = [best_epoch]
+    if config.plateau_average:
+        mean_state, epochs = plateau_average(snapshots, best_epoch)
+        mean_model = copy.deepcopy(model)
+        try:
+            mean_model.load_state_dict(mean_state)
+        except RuntimeError as err:  # a resumed snapshot of another shape
+            raise CheckpointError(f"The training state in {state_dir} does not fit this model ({str(err).splitlines()[0]}). "
+                                  f"Delete {state_dir} (or train without --resume) to start over.") from None
+        mean_score = validation_ndcg(mean_model, validation_set, docs, doc_ids)
+        if mean_score >= history[0]["val_nDCG@10"]:  # never below the untrained start (the tuned feedback) on validation
+            model, best_score, averaged_epochs = mean_model, mean_score, epochs
     model.eval()
     gate = None
     if config.novelty_gate:
         model, gate = calibrate_gate(model, train_set.query_embs, validation_set, docs, doc_ids, config.gate_rule)
-    return TrainResult(model, best_epoch, best_score, history, time.perf_counter() - start, gate)
+    return TrainResult(model, best_epoch, best_score, history, time.perf_counter() - start, gate,
+                       averaged_epochs=averaged_epochs)
+
+
+def plateau_average(snapshots: Sequence[Snapshot], best_epoch: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """The mean weights of the epochs validation cannot tell from the best (the best does not beat them by more
+    than one paired standard error), and those epochs.
+
+    Early stopping's best epoch is an argmax over a plateau: a tiny change (bf16 instead of fp32 embeddings, another
+    thread count) moves it along the plateau, and with it the test score. The plateau's mean is stable under such
+    changes and, like stochastic weight averaging, usually generalises better than any one of its epochs."""
+    best = next(s.validation for s in snapshots if s.epoch == best_epoch)
+    plateau = [s for s in snapshots if not clearly_better(best, s.validation)]
+    mean = {name: torch.stack([s.weights[name].float() for s in plateau]).mean(0).to(tensor.dtype)
+            for name, tensor in plateau[0].weights.items()}
+    return mean, [s.epoch for s in plateau]
 
 
 class _MovingAverage:

@@ -242,7 +242,7 @@ def checkpoint(trained: TrainResult, workspace: Workspace, plan: SplitPlan, trai
         "seed": train_config.seed,
         "novelty_gate": trained.gate,
         "recipe": trained.recipe,
-        "training": {"best_epoch": trained.best_epoch, "seconds": round(trained.seconds, 2), "history": trained.history,
+        "training": {"best_epoch": trained.best_epoch, "averaged_epochs": trained.averaged_epochs, "seconds": round(trained.seconds, 2), "history": trained.history,
                      "parameters": trained.model.num_parameters()},
         "metrics": {"validation": {"nDCG@10": trained.best_validation}, "test": report.to_dict() if report else None},
     }
@@ -299,8 +299,11 @@ def _fit(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig, model
         log(f"no trained adapter: {trained.recipe['reason']}")
         return trained
     gate = trained.gate and f"; novelty gate threshold {trained.gate['threshold'] or 'none'} ({trained.gate['rule']} rule)"
-    log(f"trained in {trained.seconds:.1f}s; best epoch {trained.best_epoch}, validation nDCG@10 {trained.best_validation:.4f}"
-        f" (start {trained.history[0]['val_nDCG@10']:.4f}){gate or ''}")
+    epochs = trained.averaged_epochs
+    kept = (f"mean of epochs {', '.join(map(str, epochs))} (within one standard error of the best)" if len(epochs) > 1
+            else f"epoch {trained.best_epoch}")
+    log(f"trained in {trained.seconds:.1f}s; best epoch {trained.best_epoch}, kept the {kept}, validation nDCG@10 "
+        f"{trained.best_validation:.4f} (start {trained.history[0]['val_nDCG@10']:.4f}){gate or ''}")
     return trained
 
 
@@ -323,7 +326,7 @@ class CrossValidation:
 
     def to_dict(self) -> dict[str, Any]:
         """The union report and, per fold, its report with training facts (`cross_validation.json`)."""
-        folds = [{**report.to_dict(), "best_epoch": fit.best_epoch, "validation_nDCG@10": fit.best_validation,
+        folds = [{**report.to_dict(), "best_epoch": fit.best_epoch, "averaged_epochs": fit.averaged_epochs, "validation_nDCG@10": fit.best_validation,
                   "train_seconds": round(fit.seconds, 2), "checkpoint": str(self.checkpoints[i]) if self.checkpoints else None}
                  for i, (report, fit) in enumerate(zip(self.folds, self.trained))]
         return {"union": self.union.to_dict(), "folds": folds}
