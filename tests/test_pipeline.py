@@ -17,6 +17,7 @@ from imrnn.config import IMRNNConfig
 from imrnn.encode import EncoderConfig
 from imrnn.model import IMRNN
 from imrnn.retriever import IMRNNRetriever
+from imrnn.workflow import epoch_ranges
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 runner = CliRunner()
@@ -45,6 +46,13 @@ def test_train_writes_a_complete_checkpoint(trained):
     recipe = payload["recipe"]  # every selection is recorded: the tuned feedback and whether anything was trained
     assert recipe["trained"] is True and recipe["judged_queries"] == 4
     assert set(recipe["feedback"]) >= {"beta", "m", "queries", "nDCG@10"} and recipe["feedback"]["queries"] == 4
+    training = payload["training"]  # the epochs whose mean weights were kept include the best one
+    assert training["best_epoch"] in training["averaged_epochs"] and set(training["averaged_epochs"]) <= {0, 1, 2}
+
+
+def test_epoch_ranges_collapse_consecutive_epochs():
+    assert epoch_ranges([5, 6, 7, 10, 11]) == "5-7, 10-11"
+    assert epoch_ranges([3]) == "3" and epoch_ranges([0, 2, 3]) == "0, 2-3"
 
 
 def test_too_few_queries_train_nothing_and_say_so(trained, tmp_path):

@@ -300,11 +300,22 @@ def _fit(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig, model
         return trained
     gate = trained.gate and f"; novelty gate threshold {trained.gate['threshold'] or 'none'} ({trained.gate['rule']} rule)"
     epochs = trained.averaged_epochs
-    kept = (f"mean of epochs {', '.join(map(str, epochs))} (within one standard error of the best)" if len(epochs) > 1
+    kept = (f"mean of epochs {epoch_ranges(epochs)} (within one standard error of the best)" if len(epochs) > 1
             else f"epoch {trained.best_epoch}")
     log(f"trained in {trained.seconds:.1f}s; best epoch {trained.best_epoch}, kept the {kept}, validation nDCG@10 "
         f"{trained.best_validation:.4f} (start {trained.history[0]['val_nDCG@10']:.4f}){gate or ''}")
     return trained
+
+
+def epoch_ranges(epochs: list[int]) -> str:
+    """Sorted epoch numbers as ranges: [5, 6, 7, 10, 11] -> "5-7, 10-11"."""
+    runs: list[list[int]] = []
+    for epoch in epochs:
+        if runs and epoch == runs[-1][-1] + 1:
+            runs[-1].append(epoch)
+        else:
+            runs.append([epoch])
+    return ", ".join(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs)
 
 
 def _save(trained: TrainResult, workspace: Workspace, plan: SplitPlan, train_config: TrainConfig,
