@@ -300,9 +300,9 @@ def _fit(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig, model
         return trained
     gate = trained.gate and f"; novelty gate threshold {trained.gate['threshold'] or 'none'} ({trained.gate['rule']} rule)"
     epochs = trained.averaged_epochs
-    kept = (f"mean of epochs {epoch_ranges(epochs)} (within one standard error of the best)" if len(epochs) > 1
+    kept = (f"the mean of epochs {epoch_ranges(epochs)} (within one standard error of the best)" if len(epochs) > 1
             else f"epoch {trained.best_epoch}")
-    log(f"trained in {trained.seconds:.1f}s; best epoch {trained.best_epoch}, kept the {kept}, validation nDCG@10 "
+    log(f"trained in {trained.seconds:.1f}s; best epoch {trained.best_epoch}, kept {kept}, validation nDCG@10 "
         f"{trained.best_validation:.4f} (start {trained.history[0]['val_nDCG@10']:.4f}){gate or ''}")
     return trained
 
