@@ -120,18 +120,18 @@ def train_adapter(
     averaged = _MovingAverage(model, config.ema_half_life, -(-len(queries) // config.batch_size))
     snapshots: list[Snapshot] = []
 
-    def keep_snapshot(snapshot: Snapshot) -> None:
+    def keep_snapshot(epoch: int, weights: dict[str, torch.Tensor], values: np.ndarray) -> None:
         if config.plateau_average:
-            snapshots.append(snapshot)
+            snapshots.append(Snapshot(epoch, copy.deepcopy(weights), values))
             if state_dir is not None:
-                save_snapshot(state_dir, snapshot)
+                save_snapshot(state_dir, snapshots[-1])
 
     if restored is None:
         if state_dir is not None:
             clear_state(state_dir)
         start_values = validation_values(model, validation_set, docs, doc_ids)
         best_state, best_score, best_epoch = copy.deepcopy(model.state_dict()), float(start_values.mean()), 0
-        keep_snapshot(Snapshot(0, best_state, start_values))
+        keep_snapshot(0, best_state, start_values)
         history = [{"epoch": 0, "loss": None, "val_nDCG@10": best_score}]
         stale, first_epoch = 0, 1
     else:  # continue exactly where the saved epoch ended
@@ -167,7 +167,7 @@ def train_adapter(
         kept = averaged.model if averaged.model is not None else model  # what this epoch validates and may keep
         values = validation_values(kept, validation_set, docs, doc_ids)
         val = float(values.mean())
-        keep_snapshot(Snapshot(epoch, copy.deepcopy(kept.state_dict()), values))
+        keep_snapshot(epoch, kept.state_dict(), values)
         record = {"epoch": epoch, "loss": total / max(batches, 1), "val_nDCG@10": val}
         history.append(record)
         if on_epoch is not None:
@@ -187,13 +187,7 @@ def train_adapter(
     model.load_state_dict(best_state)
     averaged_epochs = [best_epoch]
     if config.plateau_average:
-        mean_state, epochs = plateau_average(snapshots, best_epoch)
-        mean_model = copy.deepcopy(model)
-        try:
-            mean_model.load_state_dict(mean_state)
-        except RuntimeError as err:  # a resumed snapshot of another shape
-            raise CheckpointError(f"The training state in {state_dir} does not fit this model ({str(err).splitlines()[0]}). "
-                                  f"Delete {state_dir} (or train without --resume) to start over.") from None
+        mean_model, epochs = _plateau_model(model, snapshots, best_epoch, state_dir)
         mean_score = validation_ndcg(mean_model, validation_set, docs, doc_ids)
         if mean_score >= history[0]["val_nDCG@10"]:  # never below the untrained start (the tuned feedback) on validation
             model, best_score, averaged_epochs = mean_model, mean_score, epochs
@@ -205,13 +199,25 @@ def train_adapter(
                        averaged_epochs=averaged_epochs)
 
 
+def _plateau_model(model: IMRNN, snapshots: Sequence[Snapshot], best_epoch: int, state_dir: Path | None) -> tuple[IMRNN, list[int]]:
+    """A copy of `model` holding `plateau_average`'s weights, and the epochs averaged."""
+    weights, epochs = plateau_average(snapshots, best_epoch)
+    averaged = copy.deepcopy(model)
+    try:
+        averaged.load_state_dict(weights)
+    except RuntimeError as err:  # a resumed snapshot of another shape
+        raise CheckpointError(f"The training state in {state_dir} does not fit this model ({str(err).splitlines()[0]}). "
+                              f"Delete {state_dir} (or train without --resume) to start over.") from None
+    return averaged, epochs
+
+
 def plateau_average(snapshots: Sequence[Snapshot], best_epoch: int) -> tuple[dict[str, torch.Tensor], list[int]]:
     """The mean weights of the epochs validation cannot tell from the best (the best does not beat them by more
     than one paired standard error), and those epochs.
 
     Early stopping's best epoch is an argmax over a plateau: a tiny change (bf16 instead of fp32 embeddings, another
     thread count) moves it along the plateau, and with it the test score. The plateau's mean is stable under such
-    changes and, like stochastic weight averaging, usually generalises better than any one of its epochs."""
+    changes and, as in stochastic weight averaging, can generalise better than any one of its epochs."""
     best = next(s.validation for s in snapshots if s.epoch == best_epoch)
     plateau = [s for s in snapshots if not clearly_better(best, s.validation)]
     mean = {name: torch.stack([s.weights[name].float() for s in plateau]).mean(0).to(tensor.dtype)
