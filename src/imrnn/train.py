@@ -199,7 +199,8 @@ def train_adapter(
                        averaged_epochs=averaged_epochs)
 
 
-def _plateau_model(model: IMRNN, snapshots: Sequence[Snapshot], best_epoch: int, state_dir: Path | None) -> tuple[IMRNN, list[int]]:
+def _plateau_model(model: IMRNN, snapshots: Sequence[Snapshot], best_epoch: int,
+                   state_dir: Path | None) -> tuple[IMRNN, list[int]]:
     """A copy of `model` holding `plateau_average`'s weights, and the epochs averaged."""
     weights, epochs = plateau_average(snapshots, best_epoch)
     averaged = copy.deepcopy(model)

@@ -242,7 +242,8 @@ def checkpoint(trained: TrainResult, workspace: Workspace, plan: SplitPlan, trai
         "seed": train_config.seed,
         "novelty_gate": trained.gate,
         "recipe": trained.recipe,
-        "training": {"best_epoch": trained.best_epoch, "averaged_epochs": trained.averaged_epochs, "seconds": round(trained.seconds, 2), "history": trained.history,
+        "training": {"best_epoch": trained.best_epoch, "averaged_epochs": trained.averaged_epochs,
+                     "seconds": round(trained.seconds, 2), "history": trained.history,
                      "parameters": trained.model.num_parameters()},
         "metrics": {"validation": {"nDCG@10": trained.best_validation}, "test": report.to_dict() if report else None},
     }
@@ -337,8 +338,9 @@ class CrossValidation:
 
     def to_dict(self) -> dict[str, Any]:
         """The union report and, per fold, its report with training facts (`cross_validation.json`)."""
-        folds = [{**report.to_dict(), "best_epoch": fit.best_epoch, "averaged_epochs": fit.averaged_epochs, "validation_nDCG@10": fit.best_validation,
-                  "train_seconds": round(fit.seconds, 2), "checkpoint": str(self.checkpoints[i]) if self.checkpoints else None}
+        folds = [{**report.to_dict(), "best_epoch": fit.best_epoch, "averaged_epochs": fit.averaged_epochs,
+                  "validation_nDCG@10": fit.best_validation, "train_seconds": round(fit.seconds, 2),
+                  "checkpoint": str(self.checkpoints[i]) if self.checkpoints else None}
                  for i, (report, fit) in enumerate(zip(self.folds, self.trained))]
         return {"union": self.union.to_dict(), "folds": folds}
 
