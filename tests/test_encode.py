@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
-from imrnn.encode import Encoder, EncoderConfig, cache_manifest, encode_cached, encode_corpus, encode_queries, resolve_precision
+from imrnn.encode import (Encoder, EncoderConfig, cache_key, cache_manifest, encode_cached, encode_corpus, encode_queries,
+                          resolve_precision)
 from imrnn.errors import ConfigError
 
 TEXTS = [
@@ -91,6 +95,25 @@ def test_bf16_agrees_with_fp32_on_scifact(encoder, shared_datasets):
     cosine = (fp32 * bf16).sum(axis=1)
     assert cosine.min() >= 0.999
     assert not np.array_equal(fp32, bf16)  # bf16 autocast really ran
+
+
+def test_a_process_waiting_for_the_cache_lock_says_so_then_goes_on(encoder, tmp_path, capsys):
+    """While another process holds the cache entry's lock, encode_cached says on stderr what it waits for (instead of
+    hanging silently); once the lock is free it goes on (here it encodes: the holder published nothing)."""
+    expected = encode_cached(encoder, IDS, TEXTS, tmp_path / "other", progress=False)
+    lock = FileLock(str(tmp_path / "embeddings" / f"{cache_key(cache_manifest(encoder, IDS, TEXTS, ''))}.lock"))
+    (tmp_path / "embeddings").mkdir()
+    lock.acquire()  # "another process": a second open file description of the same lock file
+    result: list[np.ndarray] = []
+    waiter = threading.Thread(target=lambda: result.append(encode_cached(encoder, IDS, TEXTS, tmp_path, progress=True)))
+    waiter.start()
+    deadline = time.monotonic() + 30
+    while "waiting for another process" not in capsys.readouterr().err:
+        assert time.monotonic() < deadline and waiter.is_alive(), "no waiting message while the lock was held"
+        time.sleep(0.05)
+    lock.release()
+    waiter.join(timeout=60)
+    np.testing.assert_allclose(result[0], expected, rtol=0, atol=1e-6)
 
 
 def test_encode_cached_hits_without_calling_the_model(encoder, calls, tmp_path):

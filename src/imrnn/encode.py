@@ -6,12 +6,13 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from .data import Corpus, QuerySet, default_cache_dir, fingerprint_texts
@@ -190,6 +191,11 @@ def cache_manifest(encoder: Encoder, ids: Sequence[str], texts: Sequence[str], p
     }
 
 
+def cache_key(manifest: dict[str, Any]) -> str:
+    """The embedding cache's entry name for `cache_manifest(...)`: `<cache>/embeddings/<key>` (and `<key>.lock`)."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def encode_cached(
     encoder: Encoder,
     ids: Sequence[str],
@@ -213,14 +219,15 @@ def encode_cached(
         return np.zeros((0, encoder.dimension), dtype=np.float32)
     prefix = encoder.config.query_prefix if kind == "query" else encoder.config.passage_prefix
     manifest = cache_manifest(encoder, ids, texts, prefix)
-    key = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:20]
+    key = cache_key(manifest)
     root = Path(cache_dir or default_cache_dir()) / "embeddings"
     root.mkdir(parents=True, exist_ok=True)
     final = root / key
     hit = _load_entry(final, manifest)
     if hit is not None:
         return hit
-    with FileLock(str(root / f"{key}.lock")):
+    waiting = f"waiting for another process encoding the same {len(texts)} {kind}s into {final}" if progress else None
+    with _locked(root / f"{key}.lock", waiting):
         hit = _load_entry(final, manifest)
         if hit is not None:
             return hit
@@ -238,6 +245,23 @@ def encode_cached(
     if loaded is None:
         raise OSError(f"The embedding cache entry {final} could not be read back after writing; check the disk.")
     return loaded
+
+
+@contextlib.contextmanager
+def _locked(path: Path, waiting: str | None) -> Iterator[None]:
+    """Hold the file lock at `path`. If another process holds it, say `waiting` on stderr first, then block: a
+    second process asked for the same embeddings waits for the first to publish them instead of encoding twice."""
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if waiting:
+            tqdm.write(waiting, file=sys.stderr)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _build_entry(encoder: Encoder, ids: Sequence[str], texts: Sequence[str], partial: Path, manifest: dict[str, Any],
