@@ -107,12 +107,15 @@ def test_a_process_waiting_for_the_cache_lock_says_so_then_goes_on(encoder, tmp_
     result: list[np.ndarray] = []
     waiter = threading.Thread(target=lambda: result.append(encode_cached(encoder, IDS, TEXTS, tmp_path, progress=True)))
     waiter.start()
-    deadline = time.monotonic() + 30
-    while "waiting for another process" not in capsys.readouterr().err:
-        assert time.monotonic() < deadline and waiter.is_alive(), "no waiting message while the lock was held"
-        time.sleep(0.05)
-    lock.release()
-    waiter.join(timeout=60)
+    try:
+        deadline = time.monotonic() + 30
+        while "waiting for another process" not in capsys.readouterr().err:
+            assert time.monotonic() < deadline and waiter.is_alive(), "no waiting message while the lock was held"
+            time.sleep(0.05)
+    finally:  # a failed check must not leave the waiter blocked forever
+        lock.release()
+        waiter.join(timeout=60)
+    assert not waiter.is_alive() and len(result) == 1
     np.testing.assert_allclose(result[0], expected, rtol=0, atol=1e-6)
 
 

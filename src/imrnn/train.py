@@ -217,8 +217,8 @@ def plateau_average(snapshots: Sequence[Snapshot], best_epoch: int) -> tuple[dic
     than one paired standard error), and those epochs.
 
     Early stopping's best epoch is an argmax over a plateau: a tiny change (bf16 instead of fp32 embeddings, another
-    thread count) moves it along the plateau, and with it the test score. The plateau's mean is stable under such
-    changes and, as in stochastic weight averaging, can generalise better than any one of its epochs."""
+    thread count) moves it along the plateau, and with it the test score. The plateau's mean moves far less under
+    such changes and, as in stochastic weight averaging, can generalise better than any one of its epochs."""
     best = next(s.validation for s in snapshots if s.epoch == best_epoch)
     plateau = [s for s in snapshots if not clearly_better(best, s.validation)]
     mean = {name: torch.stack([s.weights[name].float() for s in plateau]).mean(0).to(tensor.dtype)
