@@ -254,6 +254,10 @@ def test_auto_precision_is_bf16_exactly_where_the_cpu_computes_bf16_natively(mon
                             (frozenset({"amx_bf16", "amx_tile"}), "bf16"), (frozenset(), "fp32")):
         monkeypatch.setattr(encode_module, "cpu_flags", lambda flags=flags: flags)
         assert resolve_precision("auto", "cpu") == expected, flags
+        described = Encoder(EncoderConfig()).describe()  # says why auto chose what it chose
+        assert (f"bf16 autocast on cpu ({', '.join(sorted(flags - {'amx_tile'}))})" if expected == "bf16"
+                else "fp32 on cpu (no native bf16 on this CPU: amx_bf16 / avx512_bf16 absent)") in described
+    assert "absent" not in Encoder(EncoderConfig(precision="fp32")).describe()  # asked for, not chosen
     assert resolve_precision("auto", "mps") == "fp32"
     # the batch size follows the resolved precision (the fastest measured), unless given
     assert Encoder(EncoderConfig(precision="fp32")).batch_size == 64 and Encoder(EncoderConfig(precision="bf16")).batch_size == 32

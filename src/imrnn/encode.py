@@ -168,6 +168,8 @@ class Encoder:
         if self.precision == "bf16":
             native = sorted(set(NATIVE_BF16_FLAGS) & cpu_flags()) if self.device == "cpu" else [str(self.device)]
             path = f"bf16 autocast on {self.device} ({', '.join(native) or 'not native: slow'})"
+        elif self.config.precision == "auto" and self.device == "cpu":
+            path = f"fp32 on cpu (no native bf16 on this CPU: {' / '.join(NATIVE_BF16_FLAGS)} absent)"
         else:
             path = f"fp32 on {self.device}"
         threads = f", {torch.get_num_threads()} threads" if self.device == "cpu" else ""
