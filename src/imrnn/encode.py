@@ -53,7 +53,8 @@ def _folder_digest(path: str, mtime_ns: int) -> str:
 
 
 # Measured on SciFact passages (benchmarks/encode_speed.py, Xeon with AMX): bf16 autocast ran 3.1x fp32's speed at
-# batch 16-32, 2.6x at 64 and 2.1x at 128; fp32 keeps 64, the size its published figures were made with.
+# batch 16-32, 2.6x at 64 and 2.1x at 128 (AMD Zen 4, AVX512-BF16 only: 1.9-2.0x at 16-32, 1.8x at 64, 1.5x at 128);
+# fp32 keeps 64, the size its published figures were made with.
 DEFAULT_BATCH_SIZE = {"fp32": 64, "bf16": 32}
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # x86 CPU flags of hardware bf16 matrix/dot-product instructions
 
@@ -74,7 +75,8 @@ def cpu_flags() -> frozenset[str]:
 def resolve_precision(precision: str, device: str) -> str:
     """The precision `auto` stands for on `device`: bf16 autocast where bf16 is computed natively (CPUs with
     AMX-BF16 or AVX512-BF16; CUDA GPUs that support bf16), fp32 everywhere else. On SciFact's corpus bf16 encodes
-    2.9-4x faster than fp32 with every embedding within cosine 0.9999 (benchmarks/encode_speed.py)."""
+    2.9-3.3x faster than fp32 with AMX (Intel Xeon) and 1.9-2.0x with AVX512-BF16 alone (AMD EPYC Zen 4), every
+    embedding within cosine 0.9999 of fp32's; no faster path was as faithful (benchmarks/encode_speed.py)."""
     if precision != "auto":
         return precision
     if str(device).startswith("cuda"):
