@@ -158,6 +158,16 @@ def nested_validation(workspace: Workspace, plan: SplitPlan, recipe: TrainConfig
     return out
 
 
+def held_out_plans(plan: SplitPlan, seed: int) -> list[SplitPlan]:
+    """The validation queries dealt into two seeded halves, as two plans: each selects on one half (its
+    `validation`) and is scored on the other (its `test`); the first half's plan comes first."""
+    ids = list(plan.validation.ids)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    halves = [plan.validation.subset([ids[i] for i in part]) for part in (order[: len(ids) // 2], order[len(ids) // 2 :])]
+    return [SplitPlan(plan.train, selecting, scoring, {**plan.train.qrels, **selecting.qrels})
+            for selecting, scoring in (halves, halves[::-1])]
+
+
 def held_out_validation(workspace: Workspace, plan: SplitPlan, recipe: TrainConfig, model: IMRNNConfig) -> dict[str, np.ndarray]:
     """The recipe judged on validation queries it never saw: validation is split in two seeded halves, the recipe
     (feedback tuning, early stopping, every decision) uses one half and is scored on the other, both ways.
@@ -166,12 +176,9 @@ def held_out_validation(workspace: Workspace, plan: SplitPlan, recipe: TrainConf
     (more epochs, more patience) get no credit for the search itself. Per-query nDCG@10 over all validation queries:
     {"base", "recipe", "unseen"} ("unseen": a 0/1 mask of the queries none of whose relevant documents is relevant
     to a training or other-half query)."""
-    ids = list(plan.validation.ids)
-    order = np.random.default_rng(recipe.seed).permutation(len(ids))
-    halves = [plan.validation.subset([ids[i] for i in part]) for part in (order[: len(ids) // 2], order[len(ids) // 2 :])]
     out: dict[str, list[np.ndarray]] = {"base": [], "recipe": [], "unseen": []}
-    for selecting, scoring in (halves, halves[::-1]):
-        half_plan = SplitPlan(plan.train, selecting, scoring, {**plan.train.qrels, **selecting.qrels})
+    for half_plan in held_out_plans(plan, recipe.seed):
+        scoring = half_plan.test
         fit = train(workspace, half_plan, recipe, model, progress=False)
         data = workspace.ranking(scoring)
         out["recipe"].append(validation_values(fit.model, data, workspace.doc_embs, workspace.dataset.corpus.ids))

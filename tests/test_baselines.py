@@ -6,13 +6,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from imrnn.config import IMRNNConfig, TrainConfig
 from imrnn.evaluate import evaluate_run, hits_to_run
-from imrnn.workflow import SplitPlan, Workspace
+from imrnn.model import IMRNN
+from imrnn.train import validation_values
+from imrnn.workflow import SplitPlan, Workspace, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import all_collections  # noqa: E402
 import baselines  # noqa: E402
+import frozen_blend  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +51,25 @@ def test_rocchio_is_tuned_without_the_clear_gain_test(tiny_workspace):
     run, report = baselines.rocchio(workspace, plan)
     assert report["rule"] == "the best option" and set(run) == set(workspace.ranking(plan.test).query_ids)
     assert report["nDCG@10"]["chosen"] == max(report["nDCG@10"]["options"].values())
+
+
+def test_held_out_halves_split_validation_in_two_and_each_scoring_half_is_unseen(tiny_workspace):
+    _, plan = tiny_workspace
+    first, second = all_collections.held_out_plans(plan, seed=3)
+    assert set(first.validation.ids) == set(second.test.ids) and set(first.test.ids) == set(second.validation.ids)
+    assert set(first.validation.ids) | set(first.test.ids) == set(plan.validation.ids)
+    assert not set(first.validation.ids) & set(first.test.ids)
+    for half in (first, second):  # a plan's judgements never include the half it is scored on
+        assert not set(half.test.qrels) & set(half.seen) and set(half.train.ids) == set(plan.train.ids)
+
+
+def test_the_frozen_blend_runs_from_the_adapter_alone_to_the_frozen_retriever(tiny_workspace):
+    workspace, plan = tiny_workspace
+    trained = train(workspace, plan, TrainConfig(epochs=3, seed=1), progress=False).model
+    values = frozen_blend.blended_values(workspace, trained, plan.validation)
+    data = workspace.ranking(plan.validation)
+    np.testing.assert_allclose(values[0.0], validation_values(trained, data, workspace.doc_embs, workspace.dataset.corpus.ids))
+    assert values["base"].mean() == pytest.approx(frozen_validation(workspace, plan))
+    untrained = IMRNN(IMRNNConfig(embedding_dim=workspace.doc_embs.shape[1])).eval()  # scores = the frozen cosine
+    for alpha, blended in frozen_blend.blended_values(workspace, untrained, plan.validation).items():
+        np.testing.assert_allclose(blended, values["base"], atol=1e-6, err_msg=f"alpha {alpha}")
