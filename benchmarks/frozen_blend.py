@@ -3,6 +3,7 @@
 Usage (from the repository root, after the README's install command):
     python benchmarks/frozen_blend.py                         # the six collections where the recipe trains
     python benchmarks/frozen_blend.py --datasets scifact npl
+    python benchmarks/frozen_blend.py --seed 43 --output benchmarks/results/frozen-blend-seed43.json
 
 The candidate: score = (1 - alpha) * adapted cosine + alpha * frozen cosine, alpha in {0, 0.25, 0.5, 0.75} chosen
 per collection (per fold) on validation data. It is judged without test data, by the protocol of
@@ -95,9 +96,10 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(TRAINED))
+    parser.add_argument("--seed", type=int, default=42, help="every seed: training, carve-outs, folds and halves")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "frozen-blend.json")
     args = parser.parse_args()
-    recipe, model = TrainConfig(), IMRNNConfig()
+    recipe, model = TrainConfig(seed=args.seed), IMRNNConfig()
     results = {"date": date.today().isoformat(), "alphas": list(ALPHAS), "recipe": recipe.to_dict(), "collections": {}}
     for name in args.datasets:
         started = time.perf_counter()
