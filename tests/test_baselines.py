@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from imrnn.config import IMRNNConfig, TrainConfig
+from imrnn.config import IMRNNConfig
 from imrnn.evaluate import evaluate_run, hits_to_run
 from imrnn.model import IMRNN
 from imrnn.train import validation_values
-from imrnn.workflow import SplitPlan, Workspace, train
+from imrnn.workflow import SplitPlan, Workspace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import all_collections  # noqa: E402
@@ -65,11 +66,16 @@ def test_held_out_halves_split_validation_in_two_and_each_scoring_half_is_unseen
 
 def test_the_frozen_blend_runs_from_the_adapter_alone_to_the_frozen_retriever(tiny_workspace):
     workspace, plan = tiny_workspace
-    trained = train(workspace, plan, TrainConfig(epochs=3, seed=1), progress=False).model
-    values = frozen_blend.blended_values(workspace, trained, plan.validation)
     data = workspace.ranking(plan.validation)
-    np.testing.assert_allclose(values[0.0], validation_values(trained, data, workspace.doc_embs, workspace.dataset.corpus.ids))
+    scrambled = IMRNN(IMRNNConfig(embedding_dim=workspace.doc_embs.shape[1], identity_init=False)).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # an adapter that ranks differently from the frozen retriever
+        for parameter in scrambled.parameters():
+            parameter.normal_()
+    values = frozen_blend.blended_values(workspace, scrambled, plan.validation)
+    np.testing.assert_allclose(values[0.0], validation_values(scrambled, data, workspace.doc_embs, workspace.dataset.corpus.ids))
     assert values["base"].mean() == pytest.approx(frozen_validation(workspace, plan))
+    assert values[0.0].mean() < values["base"].mean()  # so alpha 0 is the adapter, not the frozen retriever
     untrained = IMRNN(IMRNNConfig(embedding_dim=workspace.doc_embs.shape[1])).eval()  # scores = the frozen cosine
     for alpha, blended in frozen_blend.blended_values(workspace, untrained, plan.validation).items():
         np.testing.assert_allclose(blended, values["base"], atol=1e-6, err_msg=f"alpha {alpha}")
