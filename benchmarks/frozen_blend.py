@@ -18,7 +18,6 @@ Writes `--output` (benchmarks/results/frozen-blend.json) and prints a markdown t
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from datetime import date
 from pathlib import Path
@@ -27,9 +26,10 @@ import numpy as np
 
 from all_collections import DATA_DIR, held_out_plans, plans_for
 from imrnn.config import EncoderConfig, IMRNNConfig, TrainConfig
-from imrnn.data import load_dataset
+from imrnn.data import QuerySet, load_dataset
 from imrnn.evaluate import evaluated_queries, hits_to_run, per_query
 from imrnn.files import atomic_write_json
+from imrnn.model import IMRNN
 from imrnn.scoring import score_candidates
 from imrnn.workflow import Workspace, train
 
@@ -38,7 +38,7 @@ ALPHAS = (0.0, 0.25, 0.5, 0.75)
 TRAINED = ("scifact", "nfcorpus", "cranfield", "cisi", "npl", "cacm")
 
 
-def blended_values(workspace: Workspace, model, queries) -> dict[float | str, np.ndarray]:
+def blended_values(workspace: Workspace, model: IMRNN, queries: QuerySet) -> dict[float | str, np.ndarray]:
     """Per-query nDCG@10 of every blend weight alpha on `queries` (alpha 0 = the adapter alone), and of "base"."""
     data = workspace.ranking(queries)
     doc_ids = workspace.dataset.corpus.ids
@@ -48,8 +48,9 @@ def blended_values(workspace: Workspace, model, queries) -> dict[float | str, np
     def ndcg(scores: np.ndarray) -> np.ndarray:
         return per_query(hits_to_run(data.query_ids, doc_ids, data.candidates, scores), data.qrels, ["nDCG@10"])["nDCG@10"]
 
-    values: dict[float | str, np.ndarray] = {alpha: ndcg(np.where(np.isfinite(adapted), (1 - alpha) * adapted + alpha * frozen,
-                                                                  -np.inf)) for alpha in ALPHAS}
+    padding = ~np.isfinite(adapted)  # -inf in both score arrays; blended, it must stay -inf rather than become NaN
+    values: dict[float | str, np.ndarray] = {
+        alpha: ndcg(np.where(padding, -np.inf, (1 - alpha) * adapted + alpha * frozen)) for alpha in ALPHAS}
     values["base"] = ndcg(frozen)
     return values
 
