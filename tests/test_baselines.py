@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from imrnn.config import IMRNNConfig
+from imrnn.config import IMRNNConfig, TrainConfig
 from imrnn.evaluate import evaluate_run, hits_to_run
 from imrnn.model import IMRNN
 from imrnn.train import validation_values
@@ -19,6 +20,7 @@ from imrnn.workflow import SplitPlan, Workspace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import all_collections  # noqa: E402
 import baselines  # noqa: E402
+import document_prior  # noqa: E402
 import frozen_blend  # noqa: E402
 
 
@@ -79,3 +81,42 @@ def test_the_frozen_blend_runs_from_the_adapter_alone_to_the_frozen_retriever(ti
     untrained = IMRNN(IMRNNConfig(embedding_dim=workspace.doc_embs.shape[1])).eval()  # scores = the frozen cosine
     for alpha, blended in frozen_blend.blended_values(workspace, untrained, plan.validation).items():
         np.testing.assert_allclose(blended, values["base"], atol=1e-6, err_msg=f"alpha {alpha}")
+
+
+def test_the_novelty_gate_candidates_run_from_the_adapter_to_the_frozen_retriever(tiny_workspace):
+    workspace, plan = tiny_workspace
+    scrambled = IMRNN(IMRNNConfig(embedding_dim=workspace.doc_embs.shape[1], identity_init=False)).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in scrambled.parameters():
+            parameter.normal_()
+    memory = F.normalize(torch.from_numpy(np.asarray(workspace.ranking(plan.train).query_embs, np.float32)), dim=-1)
+    thresholds = frozen_blend.gate_thresholds(workspace, plan, memory)
+    nearest = frozen_blend.nearest_training_similarity(workspace, plan.validation, memory).numpy()
+    for q in frozen_blend.GATE_QUANTILES:  # quantile thresholds come from the plan's own validation queries
+        assert thresholds[f"gate q{q}"] == pytest.approx(np.quantile(nearest, q))
+    gates = {"always adapted": -2.0, "always frozen": 3.0, **thresholds}
+    values = frozen_blend.blended_values(workspace, scrambled, plan.validation, memory, gates)
+    assert set(thresholds) <= set(values)
+    np.testing.assert_allclose(values["always adapted"], values[0.0], atol=1e-6)  # gate 1 everywhere
+    np.testing.assert_allclose(values["always frozen"], values["base"], atol=1e-6)  # gate 0 everywhere
+    assert values[0.0].mean() != values["base"].mean()  # so the two ends differ and the test can tell them apart
+
+
+def test_the_document_prior_share_counts_marked_documents_in_each_top_ten_and_skips_padding():
+    candidates = np.array([list(range(12)), [5, 6, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1]])
+    scores = np.array([np.arange(12, 0, -1), [2.0, 1.0] + [-np.inf] * 10])  # row 0: top-10 = docs 0..9
+    marked = np.zeros(12, bool)
+    marked[[0, 5, 11]] = True  # doc 11 is ranked 12th: outside the top-10
+    np.testing.assert_allclose(document_prior.top_share(scores, candidates, marked), [0.2, 0.1])
+
+
+def test_the_document_prior_figures_are_the_frozen_and_adapted_test_rankings(tiny_workspace):
+    workspace, plan = tiny_workspace
+    values = document_prior.plan_values(workspace, plan, TrainConfig(epochs=2, min_queries=1))
+    test = workspace.ranking(plan.test)
+    run = hits_to_run(test.query_ids, workspace.dataset.corpus.ids, test.candidates, workspace.frozen_scores(test))
+    assert values["base nDCG@10"].mean() == pytest.approx(evaluate_run(run, test.qrels, ["nDCG@10"])["nDCG@10"])
+    assert len(values["unseen"]) == len(values["adapted share"]) == len(test.qrels)
+    for key in ("base share", "adapted share"):
+        assert ((values[key] >= 0) & (values[key] <= 1)).all()
