@@ -78,6 +78,7 @@ def run_dataset(name: str, seed: int) -> dict:
 
 
 def table(results: dict) -> str:
+    """One row per collection, seed and group of test queries."""
     lines = ["| collection | seed | test queries | queries | nDCG@10 frozen → adapted | training-relevant share of "
              "the top-10, frozen → adapted |", "|---|---:|---|---:|---|---|"]
     for key, res in results["runs"].items():

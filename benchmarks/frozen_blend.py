@@ -89,7 +89,7 @@ def gate_thresholds(workspace: Workspace, plan: SplitPlan, memory: torch.Tensor)
 
 
 def run_collection(name: str, recipe: TrainConfig, model: IMRNNConfig) -> dict:
-    """Held-out figures of the recipe, of each fixed alpha and of alpha chosen on the selecting half."""
+    """Held-out figures of the recipe, of each fixed alpha, of alpha chosen on the selecting half, and of each gate."""
     plans, protocol = plans_for(name, recipe.seed, recipe.validation_fraction)
     workspace = Workspace.open(load_dataset(name, DATA_DIR, None, download=False), EncoderConfig(precision="fp32"),
                                k=100, progress=False)
