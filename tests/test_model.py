@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -22,7 +23,7 @@ from imrnn.model import IMRNN
 from imrnn.candidates import ranking_set
 from imrnn.scoring import score_candidates
 from imrnn.resume import Snapshot
-from imrnn.train import plateau_average, train_adapter
+from imrnn.train import _loss, plateau_average, relevant_elsewhere, train_adapter
 
 
 def test_untrained_identity_adapter_reproduces_base_ranking():
@@ -97,6 +98,11 @@ def test_invalid_train_config_is_refused():
     for half_life in (-1.0, float("inf"), float("nan")):
         with pytest.raises(ConfigError, match="ema_half_life"):
             TrainConfig(ema_half_life=half_life)
+    for weight in (-1.0, float("nan")):
+        with pytest.raises(ConfigError, match="relevant_negative_weight must be a finite number"):
+            TrainConfig(relevant_negative_weight=weight)
+    with pytest.raises(ConfigError, match="use it with loss=margin"):
+        TrainConfig(relevant_negative_weight=3.0, loss="listwise")
 
 
 def synthetic_task(seed: int = 0, n_docs: int = 600, dim: int = 32):
@@ -127,6 +133,40 @@ def test_training_improves_validation_and_is_reproducible(loss):
     second = train_adapter(model_config, config, docs, ids, train_set, val_set, progress=False)
     for name, tensor in first.model.state_dict().items():
         torch.testing.assert_close(tensor, second.model.state_dict()[name], rtol=0, atol=0)
+
+
+def test_relevant_negatives_weigh_more_in_the_margin_loss_and_weight_one_changes_nothing():
+    config = TrainConfig(margin=0.5, hard_negatives=2)
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.1], [0.2, 0.6, 0.5, float("-inf")]])  # row 1: padding at the end
+    grades = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]])
+    # hinges: row 0 positive 0.9 vs the two hardest negatives 0.8, 0.7 -> 0.4, 0.3; row 1 positive 0.6 (grade 2)
+    # vs 0.5, 0.2 -> 0.4, 0.1. Marking row 0's 0.7 candidate (weight 4) leaves the others at 1.
+    plain = (0.4 + 0.3 + 2 * 0.4 + 2 * 0.1) / (1 + 1 + 2 + 2)
+    assert _loss(config, scores, grades).item() == pytest.approx(plain)
+    assert _loss(config, scores, grades, torch.ones(2, 4)).item() == _loss(config, scores, grades).item()
+    weights = torch.tensor([[1.0, 1.0, 4.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    assert _loss(config, scores, grades, weights).item() == pytest.approx((0.4 + 4 * 0.3 + 2 * 0.4 + 2 * 0.1) / (1 + 4 + 2 + 2))
+
+
+def test_relevant_elsewhere_marks_candidates_relevant_to_any_training_query():
+    docs, ids, train_set, _ = synthetic_task()
+    marked = relevant_elsewhere(train_set, ids)
+    relevant = {d for judged in train_set.qrels.values() for d, r in judged.items() if r > 0}
+    for row, columns in enumerate(train_set.candidates):
+        for column, doc in enumerate(columns):
+            assert marked[row, column] == (doc >= 0 and ids[doc] in relevant)
+    assert marked.any() and not marked.all()
+
+
+def test_training_with_relevant_negative_weight_runs_and_differs_from_the_plain_margin_loss():
+    docs, ids, train_set, val_set = synthetic_task()
+    model_config = IMRNNConfig(embedding_dim=32, hidden_dim=32, dropout=0.0)
+    base = TrainConfig(epochs=2, batch_size=32, lr=3e-3, candidates=50, seed=7, ema_half_life=0.0, plateau_average=False)
+    plain = train_adapter(model_config, base, docs, ids, train_set, val_set, progress=False)
+    weighted = train_adapter(model_config, dataclasses.replace(base, relevant_negative_weight=3.0), docs, ids, train_set,
+                             val_set, progress=False)
+    assert plain.history[1]["loss"] != weighted.history[1]["loss"]
+    assert any(not torch.equal(tensor, weighted.model.state_dict()[name]) for name, tensor in plain.model.state_dict().items())
 
 
 def interrupted_and_resumed(model_config, config, docs, ids, train_set, val_set, state_dir, on_stop=lambda state: None):

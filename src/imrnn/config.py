@@ -124,6 +124,10 @@ class TrainConfig:
     temperature: float = setting(0.05, "Softmax temperature of the listwise loss.")
     margin: float = setting(0.1, "Hinge margin of the margin loss.")
     hard_negatives: int = setting(16, "Hardest candidates used as negatives per positive (margin loss).")
+    relevant_negative_weight: float = setting(0.0, "Extra weight, as a negative of the margin loss, of a candidate that is "
+                                                   "relevant to another training query (3: it counts 4 times), so the "
+                                                   "adapter gains less by favouring the documents training saw as relevant "
+                                                   "whatever the query; off by default, see the README.")
     bm25_negatives: int = setting(0, "Extra BM25 negatives (bm25s) appended to each training candidate list.")
     candidates: int = setting(100, "First-stage candidates the adapter re-ranks (K).", flag="--k", short="-k")
     max_added_positives: int = setting(0, "Positives the first stage missed that are put into a training list.")
@@ -171,6 +175,11 @@ class TrainConfig:
             raise ConfigError(f"ema_half_life must be a finite number of epochs >= 0, got {self.ema_half_life}.")
         if self.feedback_rule not in FEEDBACK_RULES:
             raise ConfigError(f"feedback_rule must be one of {FEEDBACK_RULES}, got {self.feedback_rule!r}.")
+        if not (math.isfinite(self.relevant_negative_weight) and self.relevant_negative_weight >= 0):
+            raise ConfigError(f"relevant_negative_weight must be a finite number >= 0, got {self.relevant_negative_weight}.")
+        if self.relevant_negative_weight and self.loss != "margin":
+            raise ConfigError("relevant_negative_weight weighs the negatives of the margin loss; use it with loss=margin "
+                              f"(got loss={self.loss!r}) or set it to 0.")
         if self.min_queries < 0:
             raise ConfigError(f"min_queries must be >= 0, got {self.min_queries}.")
         if not 0.0 < self.validation_fraction < 1.0:

@@ -66,8 +66,18 @@ def keep_if_clearly_better(trained: IMRNN, start: IMRNN, validation: RankingSet,
     return (trained if keep else start), report
 
 
-def _loss(config: TrainConfig, scores: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
-    """Listwise: cross-entropy to the grade distribution over the candidates; margin: pairwise hinge."""
+def relevant_elsewhere(train_set: RankingSet, doc_ids: np.ndarray) -> np.ndarray:
+    """`[Q, K]` bool: the candidate is relevant to some training query (for its own query it is a positive, so among
+    the negatives this marks the documents relevant to *other* training queries); False at padding."""
+    relevant = [d for docs in train_set.qrels.values() for d, r in docs.items() if r > 0]
+    marked = np.isin(np.asarray(doc_ids), relevant)
+    return np.where(train_set.candidates >= 0, marked[np.maximum(train_set.candidates, 0)], False)
+
+
+def _loss(config: TrainConfig, scores: torch.Tensor, grades: torch.Tensor,
+          negative_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Listwise: cross-entropy to the grade distribution over the candidates; margin: pairwise hinge, each pair
+    weighted by the positive's grade and, if given, by the negative's `negative_weights` `[B, K]`."""
     positive = grades > 0
     valid_rows = positive.any(1)
     scores, grades, positive = scores[valid_rows], grades[valid_rows], positive[valid_rows]
@@ -77,11 +87,13 @@ def _loss(config: TrainConfig, scores: torch.Tensor, grades: torch.Tensor) -> to
         return -(target * log_probs).sum(1).mean()
     finite = torch.isfinite(scores)
     negative_scores = scores.masked_fill(positive | ~finite, float("-inf"))
-    hardest = negative_scores.topk(min(config.hard_negatives, scores.shape[1]), dim=1).values  # [B, n]
+    hardest, hardest_columns = negative_scores.topk(min(config.hard_negatives, scores.shape[1]), dim=1)  # [B, n]
     pos_scores = scores.masked_fill(~positive, float("nan"))  # [B, K]
     hinge = F.relu(config.margin - pos_scores[:, :, None] + hardest[:, None, :])  # [B, K, n]
     usable = positive[:, :, None] & torch.isfinite(hardest)[:, None, :]
     weight = grades[:, :, None].expand_as(hinge) * usable
+    if negative_weights is not None:
+        weight = weight * negative_weights[valid_rows].gather(1, hardest_columns)[:, None, :]
     return (torch.nan_to_num(hinge) * weight).sum() / weight.sum().clamp(min=1.0)
 
 
@@ -114,6 +126,8 @@ def train_adapter(
     queries = torch.from_numpy(np.array(train_set.query_embs, dtype=np.float32))
     candidates = torch.as_tensor(train_set.candidates)
     grades = torch.as_tensor(train_set.grades)
+    negative_weights = (1.0 + config.relevant_negative_weight * torch.from_numpy(relevant_elsewhere(train_set, doc_ids)).float()
+                        if config.relevant_negative_weight else None)
 
     key = training_key(model_config, config, doc_embs, doc_ids, train_set, validation_set) if state_dir is not None else ""
     restored = load_state(state_dir, key) if state_dir is not None and resume else None
@@ -158,7 +172,8 @@ def train_adapter(
             rows = candidates[batch]
             mask = rows >= 0
             scored = model(queries[batch].to(device), docs[rows.clamp(min=0)].to(device), mask.to(device))
-            loss = _loss(config, scored.scores, grades[batch].to(device))
+            loss = _loss(config, scored.scores, grades[batch].to(device),
+                         None if negative_weights is None else negative_weights[batch].to(device))
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
