@@ -51,9 +51,14 @@ GATE_WIDTH = IMRNNConfig().gate_width
 TRAINED = ("scifact", "nfcorpus", "cranfield", "cisi", "npl", "cacm")
 
 
-def nearest_training_similarity(workspace: Workspace, queries: QuerySet, memory: torch.Tensor) -> torch.Tensor:
-    """Each query's cosine with its nearest training query (`memory`: unit-length training query embeddings)."""
-    return nearest_similarity(torch.from_numpy(np.asarray(workspace.ranking(queries).query_embs, np.float32)), memory)
+def training_memory(workspace: Workspace, plan: SplitPlan) -> torch.Tensor:
+    """Unit-length embeddings of the plan's training queries: what the novelty gate compares each query with."""
+    return F.normalize(torch.from_numpy(np.asarray(workspace.ranking(plan.train).query_embs, np.float32)), dim=-1)
+
+
+def nearest_training_similarity(query_embs: np.ndarray, memory: torch.Tensor) -> torch.Tensor:
+    """Each query's cosine with its nearest training query (`memory`: from `training_memory`)."""
+    return nearest_similarity(torch.from_numpy(np.asarray(query_embs, np.float32)), memory)
 
 
 def blended_values(workspace: Workspace, model: IMRNN, queries: QuerySet, memory: torch.Tensor | None = None,
@@ -73,7 +78,7 @@ def blended_values(workspace: Workspace, model: IMRNN, queries: QuerySet, memory
         alpha: ndcg(np.where(padding, -np.inf, (1 - alpha) * adapted + alpha * frozen)) for alpha in ALPHAS}
     values["base"] = ndcg(frozen)
     if gates:
-        nearest = nearest_training_similarity(workspace, queries, memory)
+        nearest = nearest_training_similarity(data.query_embs, memory)
         pair = torch.from_numpy(np.where(padding, 0.0, adapted)), torch.from_numpy(np.where(padding, 0.0, frozen))
         for name, threshold in gates.items():
             gated = blend(novelty_gate(nearest, threshold, GATE_WIDTH), *pair).numpy()
@@ -83,7 +88,7 @@ def blended_values(workspace: Workspace, model: IMRNN, queries: QuerySet, memory
 
 def gate_thresholds(workspace: Workspace, plan: SplitPlan, memory: torch.Tensor) -> dict[str, float]:
     """The fixed cosine thresholds, and those at quantiles of the plan's validation queries' nearest-training cosines."""
-    nearest = nearest_training_similarity(workspace, plan.validation, memory).numpy()
+    nearest = nearest_training_similarity(workspace.ranking(plan.validation).query_embs, memory).numpy()
     return ({f"gate {cosine}": cosine for cosine in GATE_COSINES}
             | {f"gate q{q}": float(np.quantile(nearest, q)) for q in GATE_QUANTILES})
 
@@ -98,7 +103,7 @@ def run_collection(name: str, recipe: TrainConfig, model: IMRNNConfig) -> dict:
     for plan in plans:
         for half_plan in held_out_plans(plan, recipe.seed):
             fit = train(workspace, half_plan, recipe, model, progress=False)
-            memory = F.normalize(torch.from_numpy(np.asarray(workspace.ranking(half_plan.train).query_embs, np.float32)), dim=-1)
+            memory = training_memory(workspace, half_plan)
             gates = gate_thresholds(workspace, half_plan, memory)
             selecting = blended_values(workspace, fit.model, half_plan.validation)
             scoring = blended_values(workspace, fit.model, half_plan.test, memory, gates)

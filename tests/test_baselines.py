@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from imrnn.config import IMRNNConfig, TrainConfig
 from imrnn.evaluate import evaluate_run, hits_to_run
@@ -90,9 +89,10 @@ def test_the_novelty_gate_candidates_run_from_the_adapter_to_the_frozen_retrieve
     with torch.no_grad():
         for parameter in scrambled.parameters():
             parameter.normal_()
-    memory = F.normalize(torch.from_numpy(np.asarray(workspace.ranking(plan.train).query_embs, np.float32)), dim=-1)
+    memory = frozen_blend.training_memory(workspace, plan)
+    np.testing.assert_allclose(memory.norm(dim=1).numpy(), 1.0, rtol=1e-6)
     thresholds = frozen_blend.gate_thresholds(workspace, plan, memory)
-    nearest = frozen_blend.nearest_training_similarity(workspace, plan.validation, memory).numpy()
+    nearest = frozen_blend.nearest_training_similarity(workspace.ranking(plan.validation).query_embs, memory).numpy()
     for q in frozen_blend.GATE_QUANTILES:  # quantile thresholds come from the plan's own validation queries
         assert thresholds[f"gate q{q}"] == pytest.approx(np.quantile(nearest, q))
     gates = {"always adapted": -2.0, "always frozen": 3.0, **thresholds}
