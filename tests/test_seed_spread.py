@@ -1,0 +1,57 @@
+"""benchmarks/seed_spread.py: issue #12's criteria and the table over seeds, from results of known figures, and the
+per-seed files it resumes from (no training: the protocol itself is all_collections.py's, tested elsewhere)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from imrnn.config import TrainConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import seed_spread  # noqa: E402
+
+
+def system(ndcg: float, p: float = 0.5) -> dict:
+    return {"test": {"adapted": {"nDCG@10": ndcg}, "p_value": {"nDCG@10": p}}}
+
+
+def collection(queries: int, base: float, rocchio: float, linear: float, recipe: float, p: float = 0.5) -> dict:
+    return {"queries": queries, "systems": {"base": system(base), "Rocchio": system(rocchio),
+                                            "linear adapter": system(linear), "default recipe": system(recipe, p)}}
+
+
+def results(seed: int, **collections: dict) -> dict:
+    return {"recipe": TrainConfig(seed=seed).to_dict(), "collections": collections}
+
+
+def test_the_criteria_count_each_target_of_issue_12():
+    by_name = results(1, big=collection(300, 0.50, 0.52, 0.60, 0.60),      # +20 %, ties the linear adapter
+                      small_gain=collection(93, 0.40, 0.42, 0.40, 0.41),   # +2.5 %: under +3 % with >= 50 queries
+                      few=collection(30, 0.80, 0.81, 0.70, 0.78, p=0.01))  # below base, p < 0.05, few queries
+    c = seed_spread.criteria(by_name, ["big", "small_gain", "few"])
+    assert c["mean gain"] == pytest.approx((0.2 + 0.025 - 0.025) / 3)
+    assert c["below +3 % with >= 50 queries"] == ["small_gain"]
+    assert c["below base with p < 0.05"] == ["few"]
+    assert c["beats Rocchio on"] == 1 and c["beats the linear adapter on"] == 2
+
+
+def test_the_table_has_a_column_per_seed_and_their_mean():
+    by_seed = {1: results(1, a=collection(60, 0.5, 0.5, 0.5, 0.55)), 2: results(2, a=collection(60, 0.5, 0.5, 0.5, 0.65))}
+    table = seed_spread.tables(by_seed, ["a"])
+    first_row = next(line for line in table.splitlines() if line.startswith("| a (60)"))  # Rocchio's
+    assert "| seed 1 | seed 2 | mean |" in table
+    assert "| default recipe | +10.0% | +30.0% | +20.0% |" in table
+    assert "| 0.5000 | Rocchio | +0.0% | +0.0% | +0.0% |" in first_row
+    assert "| 2 | +30.00% | none | none | 1/1 | 1/1 |" in table
+
+
+def test_a_seed_file_is_resumed_collection_by_collection_and_another_recipe_is_refused(tmp_path):
+    path = seed_spread.seed_file(tmp_path, 7)
+    path.write_text(json.dumps(results(7, a=collection(60, 0.5, 0.5, 0.5, 0.55))))
+    assert seed_spread.run_seed(7, ["a"], path)["collections"]["a"]["queries"] == 60  # nothing re-run
+    with pytest.raises(SystemExit, match="another recipe"):
+        seed_spread.run_seed(8, ["a"], path)
