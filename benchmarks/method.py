@@ -103,13 +103,14 @@ def main() -> None:
                 "iterations = 2": (dataclasses.replace(full, iterations=2), TrainConfig()),
                 f"other loss ({other_loss})": (full, TrainConfig(loss=other_loss)),
                 "without Rocchio start (feedback)": (full, TrainConfig(feedback=False)),
-                "with novelty gate (abstain rule)": (full, TrainConfig(novelty_gate=True)),
+                "with novelty gate (abstain rule)": (full, TrainConfig(novelty_gate=True, validation_folds=1)),
                 "without weight averaging": (full, TrainConfig(ema_half_life=0.0)),
-                "previous default (best epoch, not the plateau's mean)": (full, TrainConfig(plateau_average=False)),
-                "earlier default (raw weights, in-sample feedback rule, best epoch)": (full, TrainConfig(
-                    ema_half_life=0.0, feedback_rule="in-sample", plateau_average=False)),
+                "previous default (one adapter, not a soup of three)": (full, TrainConfig(validation_folds=1)),
+                "earlier default (best epoch, not the plateau's mean)": (full, TrainConfig(validation_folds=1, plateau_average=False)),
+                "the default before it (raw weights, in-sample feedback rule, best epoch)": (full, TrainConfig(
+                    validation_folds=1, ema_half_life=0.0, feedback_rule="in-sample", plateau_average=False)),
                 "first default (no feedback, gate by one SE, raw weights, best epoch)": (full, TrainConfig(
-                    feedback=False, novelty_gate=True, gate_rule="one-standard-error", ema_half_life=0.0,
+                    validation_folds=1, feedback=False, novelty_gate=True, gate_rule="one-standard-error", ema_half_life=0.0,
                     plateau_average=False)),
             }
         for label, (model_config, train_config) in variants.items():

@@ -3,9 +3,10 @@
 Usage (from the repository root, after the README's install command):
     python benchmarks/seed_spread.py                          # seeds 42 43 44, all eight collections
     python benchmarks/seed_spread.py --seeds 42 43 --datasets npl cacm
+    python benchmarks/seed_spread.py --set validation_folds=1 --output-dir benchmarks/results/one-adapter
 
-Per seed, `all_collections.run_collection` with the default recipe, Rocchio and the linear adapter, the protocol of
-`all_collections.py`. A seed sets the folds of the cross-validated collections, the validation carve-out, the
+Per seed, `all_collections.run_collection` with the default recipe (or the one `--set` makes of it), Rocchio and the
+linear adapter, the protocol of `all_collections.py`. A seed sets the folds of the cross-validated collections, the validation carve-out, the
 initialisation and the data order; the test queries are the same for every seed (pooled over the folds), so the
 frozen retriever's figure is too. Writes `benchmarks/results/collections-seed<S>.json` per seed, after each
 collection; a file already there is reused collection by collection (delete it to re-run), so an interrupted run
@@ -25,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from all_collections import COLLECTIONS, DEFAULT_NAME, relative, run_collection
+from all_collections import COLLECTIONS, DEFAULT_NAME, parse_setting, relative, run_collection
 from imrnn.config import IMRNNConfig, TrainConfig
 from imrnn.files import atomic_write_json
 
@@ -38,11 +39,12 @@ def seed_file(folder: Path, seed: int) -> Path:
     return folder / f"collections-seed{seed}.json"
 
 
-def run_seed(seed: int, datasets: Sequence[str], path: Path) -> dict:
-    """`all_collections.py`'s results for one seed (default recipe, Rocchio, linear adapter), resumed from `path`."""
-    recipe = TrainConfig(seed=seed)
+def run_seed(seed: int, datasets: Sequence[str], path: Path, settings: dict | None = None) -> dict:
+    """`all_collections.py`'s results for one seed (the recipe with `settings`, Rocchio, linear adapter), resumed
+    from `path`."""
+    recipe = TrainConfig.from_dict({**TrainConfig().to_dict(), **(settings or {}), "seed": seed})
     results = json.loads(path.read_text()) if path.exists() else {"recipe": recipe.to_dict(), "collections": {}}
-    if results["recipe"] != recipe.to_dict():
+    if TrainConfig.from_dict(results["recipe"]) != recipe:  # from_dict reads records from before a field existed
         raise SystemExit(f"{path} holds results of another recipe; delete it or pass another --output-dir.")
     for name in datasets:
         if name in results["collections"]:
@@ -107,10 +109,13 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=list(COLLECTIONS), choices=list(COLLECTIONS))
     parser.add_argument("--output-dir", type=Path, default=HERE / "results",
                         help="where collections-seed<S>.json go (and are resumed from)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="TrainConfig fields that make the recipe under test from the default, e.g. validation_folds=1")
     args = parser.parse_args()
+    settings = dict(parse_setting(item) for item in args.set)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    by_seed = {seed: run_seed(seed, args.datasets, seed_file(args.output_dir, seed)) for seed in args.seeds}
+    by_seed = {seed: run_seed(seed, args.datasets, seed_file(args.output_dir, seed), settings) for seed in args.seeds}
     print(tables(by_seed, args.datasets))
 
 

@@ -182,6 +182,9 @@ def assert_state_folder_is_clean(state: Path, note: str) -> None:
     for folder in state.iterdir():
         if folder.name.startswith(".tmp-"):
             continue
+        if re.fullmatch(r"member\d+", folder.name):  # one member of a weight soup: a state folder of its own
+            assert_state_folder_is_clean(folder, note)
+            continue
         if folder.name == "snapshots":
             for snapshot in folder.iterdir():
                 if not snapshot.name.startswith("."):
@@ -266,14 +269,14 @@ def test_cli_train_killed_then_resumed_gives_the_same_checkpoint(repeat, tmp_pat
     assert not (tmp_path / "reference.state").exists()  # removed once the checkpoint is written
 
     output, state = tmp_path / "ckpt", tmp_path / "ckpt.state"
-    epoch, delay = rng.randint(1, epochs - 1), rng.uniform(0.0, 0.3)
-    note += f" kill at epoch {epoch} + {delay:.3f}s"
+    epoch, delay = rng.randint(1, 3 * epochs - 1), rng.uniform(0.0, 0.3)  # the default trains a soup of three members
+    note += f" kill after {epoch} saved epochs + {delay:.3f}s"
     proc = subprocess.Popen([str(Path(sys.executable).with_name("imrnn")), *common, "--output", str(output)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, start_new_session=True)
 
-    def saved_epoch() -> int:
-        found = [int(p.name.split("-")[1]) for p in state.glob("epoch-*")] if state.is_dir() else []
-        return max(found, default=0)
+    def saved_epoch() -> int:  # summed over the soup's members, each training in its own state folder
+        members = sorted(state.glob("member*")) if state.is_dir() else []
+        return sum(max((int(p.name.split("-")[1]) for p in member.glob("epoch-*")), default=0) for member in members)
 
     wait_until(proc, lambda: saved_epoch() >= epoch, note)
     time.sleep(delay)

@@ -46,8 +46,11 @@ def test_train_writes_a_complete_checkpoint(trained):
     recipe = payload["recipe"]  # every selection is recorded: the tuned feedback and whether anything was trained
     assert recipe["trained"] is True and recipe["judged_queries"] == 4
     assert set(recipe["feedback"]) >= {"beta", "m", "queries", "nDCG@10"} and recipe["feedback"]["queries"] == 4
-    training = payload["training"]  # the epochs whose mean weights were kept include the best one
-    assert training["best_epoch"] in training["averaged_epochs"] and set(training["averaged_epochs"]) <= {0, 1, 2}
+    members = payload["training"]["members"]  # the default soup: one adapter per validation fold, each recorded
+    assert len(members) == payload["train_config"]["validation_folds"] == 3
+    for member in members:  # the epochs whose mean weights were kept include the best one
+        assert member["best_epoch"] in member["averaged_epochs"] and set(member["averaged_epochs"]) <= {0, 1, 2}
+    assert payload["training"]["best_epoch"] == max(member["best_epoch"] for member in members)
 
 
 def test_epoch_ranges_collapse_consecutive_epochs():

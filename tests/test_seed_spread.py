@@ -55,3 +55,9 @@ def test_a_seed_file_is_resumed_collection_by_collection_and_another_recipe_is_r
     assert seed_spread.run_seed(7, ["a"], path)["collections"]["a"]["queries"] == 60  # nothing re-run
     with pytest.raises(SystemExit, match="another recipe"):
         seed_spread.run_seed(8, ["a"], path)
+    old = results(7, a=collection(60, 0.5, 0.5, 0.5, 0.55))
+    del old["recipe"]["validation_folds"]  # written before the field existed: one adapter per training
+    path.write_text(json.dumps(old))
+    assert seed_spread.run_seed(7, ["a"], path, {"validation_folds": 1})["collections"]["a"]["queries"] == 60
+    with pytest.raises(SystemExit, match="another recipe"):
+        seed_spread.run_seed(7, ["a"], path)  # the default soup is not what that file holds

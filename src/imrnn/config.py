@@ -132,6 +132,10 @@ class TrainConfig:
     candidates: int = setting(100, "First-stage candidates the adapter re-ranks (K).", flag="--k", short="-k")
     max_added_positives: int = setting(0, "Positives the first stage missed that are put into a training list.")
     validation_fraction: float = setting(0.15, "Share of training queries carved out for validation.")
+    validation_folds: int = setting(3, "Train this many adapters from the same start, each early-stopped on a different "
+                                       "part of the training + validation queries and trained on the rest, and keep the "
+                                       "mean of their weights (every judged query trains, early stopping's noise "
+                                       "averages out); 1: one adapter, early-stopped on the validation split.")
     patience: int = setting(6, "Stop after this many epochs without a better validation nDCG@10.")
     ema_half_life: float = setting(1.0, "Validate and keep an exponential moving average of the weights, with this "
                                         "half-life in epochs (0: the raw weights of each epoch).")
@@ -159,7 +163,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}.")
-        for name in ("epochs", "batch_size", "candidates", "patience", "hard_negatives"):
+        for name in ("epochs", "batch_size", "candidates", "patience", "hard_negatives", "validation_folds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
         for name in ("bm25_negatives", "max_added_positives"):
@@ -180,6 +184,10 @@ class TrainConfig:
         if self.relevant_negative_weight and self.loss != "margin":
             raise ConfigError("relevant_negative_weight weighs the negatives of the margin loss; use it with loss=margin "
                               f"(got loss={self.loss!r}) or set it to 0.")
+        if self.validation_folds > 1 and (self.novelty_gate or self.keep_only_if_better):
+            raise ConfigError("The novelty gate and the acceptance test are chosen on validation queries that no adapter "
+                              f"trained on, and with validation_folds={self.validation_folds} every one of them trains an "
+                              "adapter: use them with --validation-folds 1.")
         if self.min_queries < 0:
             raise ConfigError(f"min_queries must be >= 0, got {self.min_queries}.")
         if not 0.0 < self.validation_fraction < 1.0:
@@ -190,6 +198,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
+        """The config recorded as `values`; a record from before `validation_folds` existed trained one adapter."""
+        values = {"validation_folds": 1, **values}
         known = {f.name for f in dataclasses.fields(cls)}
         if set(values) - known:
             raise ConfigError(f"Unknown TrainConfig fields {sorted(set(values) - known)}; known: {sorted(known)}.")

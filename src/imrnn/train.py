@@ -33,6 +33,7 @@ class TrainResult:
     gate: dict | None = None
     recipe: dict = field(default_factory=dict)  # what was selected on which queries (feedback, training or not)
     averaged_epochs: list[int] = field(default_factory=list)  # the epochs whose mean weights were kept
+    members: list["TrainResult"] = field(default_factory=list)  # a weight soup's members (`weight_soup`)
 
 
 def seed_everything(seed: int) -> None:
@@ -212,6 +213,21 @@ def train_adapter(
         model, gate = calibrate_gate(model, train_set.query_embs, validation_set, docs, doc_ids, config.gate_rule)
     return TrainResult(model, best_epoch, best_score, history, time.perf_counter() - start, gate,
                        averaged_epochs=averaged_epochs)
+
+
+def weight_soup(members: Sequence[TrainResult]) -> TrainResult:
+    """One adapter holding the mean weights of `members`, adapters trained from the same initialisation (the same
+    seed) with different validation queries; their facts stay in `members`. The soup's `best_epoch` is the latest of
+    theirs, its `best_validation` the mean of theirs (each on its own validation queries), its `history` theirs,
+    each record marked with its member's index."""
+    states = [member.model.state_dict() for member in members]
+    mean = {name: torch.stack([state[name].float() for state in states]).mean(0).to(tensor.dtype)
+            for name, tensor in states[0].items()}
+    model = copy.deepcopy(members[0].model)
+    model.load_state_dict(mean)
+    return TrainResult(model.eval(), max(m.best_epoch for m in members), float(np.mean([m.best_validation for m in members])),
+                       [{"member": i, **record} for i, m in enumerate(members) for record in m.history],
+                       sum(m.seconds for m in members), members=list(members))
 
 
 def _plateau_model(model: IMRNN, snapshots: Sequence[Snapshot], best_epoch: int,

@@ -33,7 +33,7 @@ from .model import IMRNN
 from .workspace import Workspace
 from .resume import discard_state, has_state
 from .scoring import score_candidates, sort_by_score
-from .train import TrainResult, keep_if_clearly_better, train_adapter
+from .train import TrainResult, keep_if_clearly_better, train_adapter, weight_soup
 
 REPORT_MEASURES = ("nDCG@10", "R@10", "RR@10", "R@100")
 TRUSTED_QUERIES = 50  # fewer judged training + validation queries: the recipe warns that its figures are unreliable
@@ -89,6 +89,15 @@ class SplitPlan:
         """Evaluate a trained model on one split; every other split counts as seen."""
         seen = {q: docs for name, qrels in dataset.qrels.items() if name != split for q, docs in qrels.items()}
         return cls(None, None, dataset.split(split), seen)
+
+    def validation_folds(self, folds: int, seed: int = 42) -> list["SplitPlan"]:
+        """`folds` plans over this plan's training + validation queries, each validating on a different seeded part
+        and training on the rest (the members of a weight soup); test queries and `seen` stay as they are."""
+        if self.train is None or self.validation is None:
+            raise ConfigError("This split plan has no training or validation queries to fold.")
+        pooled = QuerySet("train+validation", self.train.ids + self.validation.ids, self.train.texts + self.validation.texts,
+                          {**self.train.qrels, **self.validation.qrels})
+        return [SplitPlan(fit, validation, self.test, self.seen) for fit, validation in kfold(pooled, folds, seed)]
 
     def unseen_relevant(self, queries: QuerySet) -> list[str]:
         """Queries none of whose relevant documents is relevant to any seen query."""
@@ -171,9 +180,8 @@ def train(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig = Tra
         score = float(feedback_ndcg(model_config, [validation_set], workspace.doc_embs, doc_ids).mean())
         return TrainResult(IMRNN(model_config).eval(), 0, score, [{"epoch": 0, "loss": None, "val_nDCG@10": score}],
                            time.perf_counter() - start, None, recipe)
-    result = train_adapter(model_config, train_config, workspace.doc_embs, doc_ids,
-                           _training_set(workspace, plan, train_config, plain_train), validation_set,
-                           device=device, progress=progress, state_dir=state_dir, resume=resume)
+    result = _train_adapters(workspace, plan, train_config, model_config, plain_train, validation_set, device, progress,
+                             state_dir, resume)
     recipe["trained"] = True
     if train_config.keep_only_if_better:
         result.model, recipe["acceptance"] = keep_if_clearly_better(result.model, IMRNN(model_config).eval(), validation_set,
@@ -187,6 +195,24 @@ def train(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig = Tra
                              "small effects, so treat the adapter's gains here as unreliable")
     result.recipe, result.seconds = recipe, time.perf_counter() - start
     return result
+
+
+def _train_adapters(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig, model_config: IMRNNConfig,
+                    plain_train: RankingSet, validation_set: RankingSet, device: str, progress: bool,
+                    state_dir: Path | None, resume: bool) -> TrainResult:
+    """One adapter early-stopped on `plan.validation`, or with `validation_folds` > 1 the weight soup of one adapter
+    per validation fold of the training + validation queries (`SplitPlan.validation_folds`), each member resumable
+    in its own state folder."""
+    doc_embs, doc_ids = workspace.doc_embs, workspace.dataset.corpus.ids
+    if train_config.validation_folds == 1:
+        return train_adapter(model_config, train_config, doc_embs, doc_ids, _training_set(workspace, plan, train_config, plain_train),
+                             validation_set, device=device, progress=progress, state_dir=state_dir, resume=resume)
+    members = [train_adapter(model_config, train_config, doc_embs, doc_ids,
+                             _training_set(workspace, member, train_config, workspace.ranking(member.train)),
+                             workspace.ranking(member.validation), device=device, progress=progress,
+                             state_dir=None if state_dir is None else state_dir / f"member{i}", resume=resume)
+               for i, member in enumerate(plan.validation_folds(train_config.validation_folds, train_config.seed))]
+    return weight_soup(members)
 
 
 def _training_set(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig, plain: RankingSet) -> RankingSet:
@@ -244,7 +270,9 @@ def checkpoint(trained: TrainResult, workspace: Workspace, plan: SplitPlan, trai
         "recipe": trained.recipe,
         "training": {"best_epoch": trained.best_epoch, "averaged_epochs": trained.averaged_epochs,
                      "seconds": round(trained.seconds, 2), "history": trained.history,
-                     "parameters": trained.model.num_parameters()},
+                     "parameters": trained.model.num_parameters(),
+                     "members": [{"best_epoch": m.best_epoch, "averaged_epochs": m.averaged_epochs,
+                                  "validation_nDCG@10": m.best_validation} for m in trained.members]},
         "metrics": {"validation": {"nDCG@10": trained.best_validation}, "test": report.to_dict() if report else None},
     }
     return Checkpoint(trained.model, workspace.encoder.config, train_config, metadata)
@@ -279,7 +307,7 @@ def _state_dir(target: Path) -> Path:
 def _fit(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig, model_config: IMRNNConfig | None,
          state_dir: Path | None, device: str, resume: bool, progress: bool, log: Callable[[str], None]) -> TrainResult:
     """`train`, resumable through `state_dir` (None: no saved state), logging its outcome."""
-    if state_dir is not None and not resume and has_state(state_dir):
+    if state_dir is not None and not resume and any(has_state(d) for d in (state_dir, *state_dir.glob("member*"))):
         log(f"found the state of an interrupted training in {state_dir}; starting over (pass --resume to continue it)")
     trained = train(workspace, plan, train_config, model_config, device, progress, state_dir, resume)
     feedback = trained.recipe.get("feedback")
@@ -299,13 +327,26 @@ def _fit(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig, model
     if not trained.recipe.get("trained", True):
         log(f"no trained adapter: {trained.recipe['reason']}")
         return trained
+    if trained.members:
+        folds = len(trained.members)
+        log(f"trained {folds} adapters in {trained.seconds:.1f}s, each early-stopped on one of {folds} folds of the training "
+            "and validation queries and trained on the others, and kept the mean of their weights")
+        for i, member in enumerate(trained.members, 1):
+            log(f"  adapter {i}: {_kept(member)}, validation nDCG@10 {member.best_validation:.4f} "
+                f"(start {member.history[0]['val_nDCG@10']:.4f})")
+        return trained
     gate = trained.gate and f"; novelty gate threshold {trained.gate['threshold'] or 'none'} ({trained.gate['rule']} rule)"
-    epochs = trained.averaged_epochs
-    kept = (f"the mean of epochs {epoch_ranges(epochs)} (within one standard error of the best)" if len(epochs) > 1
-            else f"epoch {trained.best_epoch}")
-    log(f"trained in {trained.seconds:.1f}s; best epoch {trained.best_epoch}, kept {kept}, validation nDCG@10 "
+    log(f"trained in {trained.seconds:.1f}s; {_kept(trained)}, validation nDCG@10 "
         f"{trained.best_validation:.4f} (start {trained.history[0]['val_nDCG@10']:.4f}){gate or ''}")
     return trained
+
+
+def _kept(trained: TrainResult) -> str:
+    """Which weights one training kept: its best epoch, or the mean of the plateau's epochs."""
+    epochs = trained.averaged_epochs
+    if len(epochs) > 1:
+        return f"best epoch {trained.best_epoch}, kept the mean of epochs {epoch_ranges(epochs)} (within one standard error of the best)"
+    return f"best epoch {trained.best_epoch}, kept epoch {trained.best_epoch}"
 
 
 def epoch_ranges(epochs: list[int]) -> str:

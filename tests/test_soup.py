@@ -1,0 +1,70 @@
+"""The default weight soup: one adapter per validation fold of the training + validation queries, from the same
+start, and the mean of their weights (`SplitPlan.validation_folds`, `train.weight_soup`, `workflow.train`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from imrnn.config import IMRNNConfig, TrainConfig
+from imrnn.errors import ConfigError
+from imrnn.model import IMRNN
+from imrnn.train import TrainResult, weight_soup
+from imrnn.workflow import SplitPlan, Workspace, train
+
+from conftest import randomised
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, write_tiny_beir, encoder):
+    root = tmp_path_factory.mktemp("soup")
+    workspace = Workspace.open(write_tiny_beir(root / "tiny"), encoder, k=10, cache_dir=root / "cache", progress=False)
+    return workspace, SplitPlan.official(workspace.dataset, fraction=0.5, seed=1)
+
+
+def test_validation_folds_partition_the_training_and_validation_queries(tiny):
+    _, plan = tiny
+    pooled = set(plan.train.ids) | set(plan.validation.ids)
+    members = plan.validation_folds(2, seed=5)
+    assert len(members) == 2
+    assert set(members[0].validation.ids).isdisjoint(members[1].validation.ids)
+    assert set(members[0].validation.ids) | set(members[1].validation.ids) == pooled
+    for member in members:
+        assert set(member.train.ids) == pooled - set(member.validation.ids)
+        assert member.test is plan.test and member.seen == plan.seen
+        assert all(member.validation.qrels[q] == {**plan.train.qrels, **plan.validation.qrels}[q] for q in member.validation.ids)
+
+
+def test_the_weight_soup_holds_the_mean_weights_and_keeps_its_members():
+    config = IMRNNConfig(embedding_dim=16, hidden_dim=8)
+    members = [TrainResult(randomised(IMRNN(config), seed), epoch, score, [{"epoch": 0, "val_nDCG@10": score}], 1.5)
+               for seed, epoch, score in ((1, 4, 0.5), (2, 7, 0.7))]
+    soup = weight_soup(members)
+    for name, tensor in soup.model.state_dict().items():
+        expected = (members[0].model.state_dict()[name] + members[1].model.state_dict()[name]) / 2
+        assert torch.allclose(tensor, expected), name
+    assert soup.best_epoch == 7 and soup.best_validation == pytest.approx(0.6) and soup.seconds == 3.0
+    assert soup.members == members and [r["member"] for r in soup.history] == [0, 1]
+    assert not soup.model.training
+
+
+def test_training_with_validation_folds_averages_one_adapter_per_fold(tiny):
+    workspace, plan = tiny
+    result = train(workspace, plan, TrainConfig(validation_folds=2, epochs=3, lr=3e-2, min_queries=0, seed=3), progress=False)
+    assert len(result.members) == 2
+    states = [member.model.state_dict() for member in result.members]
+    for name, tensor in result.model.state_dict().items():
+        assert torch.allclose(tensor, (states[0][name] + states[1][name]) / 2), name
+    single = train(workspace, plan, TrainConfig(validation_folds=1, epochs=3, lr=3e-2, min_queries=0, seed=3), progress=False)
+    assert single.members == [] and single.history[0].get("member") is None
+
+
+def test_the_gate_and_the_acceptance_test_need_one_adapter_and_old_records_trained_one():
+    for choice in ({"novelty_gate": True}, {"keep_only_if_better": True}):
+        with pytest.raises(ConfigError, match="--validation-folds 1"):
+            TrainConfig(**choice)
+        assert TrainConfig(validation_folds=1, **choice).validation_folds == 1
+    with pytest.raises(ConfigError, match="validation_folds must be at least 1"):
+        TrainConfig(validation_folds=0)
+    assert TrainConfig().validation_folds == 3
+    assert TrainConfig.from_dict({"seed": 4, "novelty_gate": True}).validation_folds == 1  # a checkpoint from before the soup
