@@ -27,6 +27,8 @@ def test_validation_folds_partition_the_training_and_validation_queries(tiny):
     pooled = set(plan.train.ids) | set(plan.validation.ids)
     members = plan.validation_folds(2, seed=5)
     assert len(members) == 2
+    with pytest.raises(ConfigError, match="--validation-folds 1"):
+        plan.validation_folds(len(pooled) + 1, seed=5)  # more folds than queries
     assert set(members[0].validation.ids).isdisjoint(members[1].validation.ids)
     assert set(members[0].validation.ids) | set(members[1].validation.ids) == pooled
     for member in members:

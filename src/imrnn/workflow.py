@@ -97,6 +97,9 @@ class SplitPlan:
             raise ConfigError("This split plan has no training or validation queries to fold.")
         pooled = QuerySet("train+validation", self.train.ids + self.validation.ids, self.train.texts + self.validation.texts,
                           {**self.train.qrels, **self.validation.qrels})
+        if len(pooled) < folds:
+            raise ConfigError(f"{folds} validation folds need at least {folds} training and validation queries, this plan "
+                              f"has {len(pooled)}: use --validation-folds 1 (or fewer folds).")
         return [SplitPlan(fit, validation, self.test, self.seen) for fit, validation in kfold(pooled, folds, seed)]
 
     def unseen_relevant(self, queries: QuerySet) -> list[str]:
@@ -156,7 +159,9 @@ def train(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig = Tra
           model_config: IMRNNConfig | None = None, device: str = "cpu", progress: bool = True,
           state_dir: Path | None = None, resume: bool = False) -> TrainResult:
     """The recipe on `plan`: tune Rocchio feedback on the training and validation queries (the adapters' starting
-    point), then train adapters on `plan.train`, early-stopping on `plan.validation` (resumable with `state_dir`).
+    point), then train adapters from it (resumable with `state_dir`): with `validation_folds` > 1 (the default) one
+    per fold of the training + validation queries, each early-stopped on its fold, their weights averaged; with 1, on
+    `plan.train`, early-stopped on `plan.validation`.
 
     With fewer than `train_config.min_queries` judged training and validation queries nothing is trained: the result
     is the tuned feedback alone (the frozen retriever where feedback does not clearly help). Optional steps, off by
