@@ -3,9 +3,11 @@ start, and the mean of their weights (`SplitPlan.validation_folds`, `train.weigh
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from imrnn.candidates import select_queries
 from imrnn.config import IMRNNConfig, TrainConfig
 from imrnn.errors import ConfigError
 from imrnn.model import IMRNN
@@ -23,10 +25,17 @@ def tiny(tmp_path_factory, write_tiny_beir, encoder):
 
 
 def test_validation_folds_partition_the_training_and_validation_queries(tiny):
-    _, plan = tiny
+    workspace, plan = tiny
     pooled = set(plan.train.ids) | set(plan.validation.ids)
     members = plan.validation_folds(2, seed=5)
     assert len(members) == 2
+    searched = (workspace.ranking(plan.train), workspace.ranking(plan.validation))
+    for member in members:  # a member's ranking is rows of the plan's, exactly what a new search would return
+        for queries in (member.train, member.validation):
+            picked, fresh = select_queries(searched, queries.ids), workspace.ranking(queries)
+            assert picked.query_ids == fresh.query_ids and picked.qrels == fresh.qrels
+            for field in ("query_embs", "candidates", "grades"):
+                assert np.array_equal(getattr(picked, field), getattr(fresh, field)), field
     with pytest.raises(ConfigError, match="--validation-folds 1"):
         plan.validation_folds(len(pooled) + 1, seed=5)  # more folds than queries
     assert set(members[0].validation.ids).isdisjoint(members[1].validation.ids)

@@ -35,6 +35,19 @@ def ranking_set(
     return RankingSet(list(query_ids), query_embs, candidates, grades, {q: qrels[q] for q in query_ids})
 
 
+def select_queries(sets: Sequence[RankingSet], ids: Sequence[str]) -> RankingSet:
+    """The rows of `ids` (in that order) from ranking sets of one first stage: a query set's ranking without searching
+    the corpus again."""
+    row = {q: (i, j) for i, data in enumerate(sets) for j, q in enumerate(data.query_ids)}
+    picked = [row[q] for q in ids]
+
+    def rows(field: str) -> np.ndarray:
+        return np.stack([np.asarray(getattr(sets[i], field))[j] for i, j in picked])
+
+    qrels = {q: r for data in sets for q, r in data.qrels.items()}
+    return RankingSet(list(ids), rows("query_embs"), rows("candidates"), rows("grades"), {q: qrels[q] for q in ids})
+
+
 def append_negatives(candidates: np.ndarray, grades: np.ndarray, negatives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Append extra negatives as new columns, masking (-1) those already among the candidates."""
     present = (negatives[:, :, None] == candidates[:, None, :]).any(2)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 
 from . import __version__
-from .candidates import RankingSet, ranking_set
+from .candidates import RankingSet, ranking_set, select_queries
 from .checkpoint import Checkpoint, save_checkpoint
 from .config import IMRNNConfig, TrainConfig
 from .data import Dataset, Qrels, QuerySet, carve_validation, default_cache_dir, kfold, random_splits
@@ -212,9 +212,10 @@ def _train_adapters(workspace: Workspace, plan: SplitPlan, train_config: TrainCo
     if train_config.validation_folds == 1:
         return train_adapter(model_config, train_config, doc_embs, doc_ids, _training_set(workspace, plan, train_config, plain_train),
                              validation_set, device=device, progress=progress, state_dir=state_dir, resume=resume)
+    pooled = (plain_train, validation_set)  # the members' rankings are rows of these: no second corpus search
     members = [train_adapter(model_config, train_config, doc_embs, doc_ids,
-                             _training_set(workspace, member, train_config, workspace.ranking(member.train)),
-                             workspace.ranking(member.validation), device=device, progress=progress,
+                             _training_set(workspace, member, train_config, select_queries(pooled, member.train.ids)),
+                             select_queries(pooled, member.validation.ids), device=device, progress=progress,
                              state_dir=None if state_dir is None else state_dir / f"member{i}", resume=resume)
                for i, member in enumerate(plan.validation_folds(train_config.validation_folds, train_config.seed))]
     return weight_soup(members)
