@@ -27,7 +27,7 @@ from imrnn.evaluate import evaluate_run, hits_to_run, read_run, write_run
 from imrnn.index import FaissIndex, exact_search, search
 from imrnn.model import IMRNN
 from imrnn.retriever import IMRNNRetriever
-from imrnn.scoring import score_candidates
+from imrnn.scoring import repeated_rows, score_candidates
 
 
 def no_nan(x) -> bool:
@@ -185,6 +185,32 @@ def test_score_candidates_scores_a_repeated_row_once(model, tmp_path):
     assert set(back) == {"q0", "q2"} and all(back[q] == pytest.approx(run[q], rel=1e-6) for q in back)
     qrels = {"q0": {"d3": 1}, "q1": {"d1": 1}, "q2": {"d8": 1}}
     assert math.isfinite(evaluate_run(run, qrels, ["nDCG@10"])["nDCG@10"])  # q1 counts as 0, not skipped
+
+
+def test_score_candidates_agrees_with_the_checked_forward_and_names_bad_rows(model):
+    """Validation and evaluation score by `score_rows` (as search does): the same scores as `forward` on gathered
+    candidates, in batches smaller than the query set too; a NaN row is refused by its corpus row, padding never."""
+    rng = np.random.default_rng(12)
+    docs, queries = unit(rng, 40, 8), unit(rng, 5, 8)
+    cands = rng.integers(0, 40, size=(5, 6))
+    cands[1, 4:] = -1
+    cands = np.where(repeated_rows(cands), -1, cands)
+    mask = torch.from_numpy(cands >= 0)
+    expected = model(torch.from_numpy(queries), torch.from_numpy(docs[np.maximum(cands, 0)]), mask).scores.detach().numpy()
+    for batch_size in (1024, 2):
+        got = score_candidates(model, queries, docs, cands, batch_size=batch_size)
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+    poisoned = docs.copy()
+    poisoned[0] = np.nan  # row 0 is no candidate here: never gathered
+    cands[cands == 0] = 1
+    score_candidates(model, queries, poisoned, cands)
+    poisoned[int(cands[2, 0])] = np.inf
+    with pytest.raises(ConfigError, match=rf"candidate embeddings hold NaN or Inf values \(first: corpus row {int(cands[2, 0])}\)"):
+        score_candidates(model, queries, poisoned, cands)
+    bad_queries = queries.copy()
+    bad_queries[3, 1] = np.nan
+    with pytest.raises(ConfigError, match=r"query embeddings hold NaN or Inf values \(first: query row 3\)"):
+        score_candidates(model, bad_queries, docs, cands, batch_size=2)
 
 
 def test_hits_to_run_keeps_the_first_copy_of_a_repeated_document():

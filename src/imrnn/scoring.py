@@ -3,7 +3,8 @@
 * `frozen_cosine`: the frozen retriever's score of a candidate, the baseline every adapted score is compared to;
 * `novelty_gate`: the per-query weight of the adapted score, from the nearest training query;
 * `blend`: gate * adapted + (1 - gate) * frozen;
-* `score_candidates`: the adapter's scores for candidate rows of a corpus, in batches (evaluation, validation);
+* `score_candidates`: the adapter's scores for candidate rows of a corpus, in batches (evaluation, validation),
+  by the same `IMRNN.score_rows` as search;
 * `frozen_scores`: the same candidates' frozen cosines;
 * `sort_by_score`, `ranks`, `repeated_rows`: ordering with the first-stage order as the tie-break.
 """
@@ -79,12 +80,14 @@ def frozen_scores(query_embs: np.ndarray, doc_embs: np.ndarray, candidates: np.n
 
 
 def score_candidates(model: IMRNN, query_embs: np.ndarray, doc_embs: np.ndarray | torch.Tensor, candidates: np.ndarray,
-                     batch_size: int = 512) -> np.ndarray:
-    """Adapted scores `(Q, K)` for candidate rows `(Q, K)` (-1 = padding -> -inf), in batches, no grad.
+                     batch_size: int = 1024) -> np.ndarray:
+    """Adapted scores `(Q, K)` for candidate rows `(Q, K)` (-1 = padding -> -inf), in batches of queries, no grad.
 
-    A row repeated within one query's list is scored once: later copies count as padding (-inf), so a document
-    neither appears twice in a ranking nor weighs twice in the feedback. A query without candidates gets all -inf.
-    Candidate embeddings are gathered per batch, so a memory-mapped corpus is never copied whole."""
+    Scored by `IMRNN.score_rows`, the path `IMRNNRetriever.search` takes, so validation, evaluation and search rank
+    alike: per batch, each distinct candidate row is gathered and projected once however many lists share it (a
+    memory-mapped corpus is never copied whole). A row repeated within one query's list is scored once: later copies
+    count as padding (-inf), so a document neither appears twice in a ranking nor weighs twice in the feedback. A
+    query without candidates gets all -inf. NaN or Inf in a query or a candidate's embedding is a ConfigError."""
     candidates = np.asarray(candidates)
     if candidates.ndim != 2:
         raise ConfigError(f"candidates must be a (Q, K) array of corpus rows, got shape {candidates.shape}.")
@@ -93,15 +96,44 @@ def score_candidates(model: IMRNN, query_embs: np.ndarray, doc_embs: np.ndarray 
     candidates = np.where(repeated_rows(candidates), -1, candidates)
     model.eval()
     device = next(model.parameters()).device
-    out = np.empty(candidates.shape, dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(candidates), batch_size):
-            rows = torch.as_tensor(candidates[start : start + batch_size])
-            mask = rows >= 0
-            if isinstance(doc_embs, torch.Tensor):
-                cands = doc_embs[rows.clamp(min=0)].to(device)
-            else:
-                cands = torch.from_numpy(np.asarray(doc_embs[np.maximum(rows.numpy(), 0)], dtype=np.float32)).to(device)
-            queries = torch.from_numpy(np.array(query_embs[start : start + batch_size], dtype=np.float32)).to(device)
-            out[start : start + len(rows)] = model(queries, cands, mask.to(device)).scores.float().cpu().numpy()
+    out = np.full(candidates.shape, -np.inf, dtype=np.float32)
+    for start in range(0, len(candidates), batch_size):
+        block = candidates[start : start + batch_size]
+        valid = block >= 0
+        distinct, position = np.unique(block[valid], return_inverse=True)
+        if not len(distinct):
+            continue
+        rows = np.zeros(block.shape, dtype=np.int64)
+        rows[valid] = position
+        table = _finite_rows(doc_embs, distinct)
+        queries = _finite_queries(np.asarray(query_embs[start : start + batch_size], dtype=np.float32), start)
+        scores, _ = model.score_rows(queries.to(device), torch.from_numpy(rows).to(device), torch.from_numpy(valid).to(device),
+                                     model.cache_corpus(table))
+        scores = scores.float().cpu().numpy()
+        if np.isnan(scores[valid]).any():
+            raise ConfigError("The adapter produced NaN scores from finite inputs: embeddings of extreme magnitude overflow "
+                              "float32. Pass L2-normalised embeddings (as the encoder produces).")
+        out[start : start + len(block)] = scores
     return out
+
+
+def _finite_rows(doc_embs: np.ndarray | torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    """Corpus `rows` as a float32 tensor; ConfigError naming the first row holding NaN or Inf."""
+    if isinstance(doc_embs, torch.Tensor):
+        table = doc_embs[torch.from_numpy(rows)].float()
+    else:
+        table = torch.from_numpy(np.asarray(doc_embs[rows], dtype=np.float32))
+    finite = torch.isfinite(table).all(dim=1)
+    if not bool(finite.all()):
+        raise ConfigError(f"candidate embeddings hold NaN or Inf values (first: corpus row {int(rows[int((~finite).nonzero()[0])])}). "
+                          "Scores against them are meaningless; re-encode those passages or drop them.")
+    return table
+
+
+def _finite_queries(queries: np.ndarray, offset: int) -> torch.Tensor:
+    """`queries` as a tensor; ConfigError naming the first query row holding NaN or Inf (counted from `offset`)."""
+    finite = np.isfinite(queries).all(axis=1)
+    if not finite.all():
+        raise ConfigError(f"query embeddings hold NaN or Inf values (first: query row {offset + int(np.argmin(finite))}). "
+                          "Scores for them are meaningless; re-encode those queries or drop them.")
+    return torch.from_numpy(queries)
