@@ -204,6 +204,14 @@ def test_error_search_bad_precision(searched, runner, tmp_path):
     assert not (tmp_path / "x.run").exists()
 
 
+def test_error_a_device_this_torch_cannot_use(searched, runner, tmp_path):
+    for device, message in (("gpu", "Unknown device 'gpu'"), ("cuda:7", "cuda:7")):
+        result = runner.invoke(app, ["search", "--dataset", str(searched["folder"]), "--output", str(tmp_path / "x.run"),
+                                     "--cache-dir", str(tmp_path / "cache"), "--device", device], env=ENV)
+        assert_clean_error(result, message)
+        assert not (tmp_path / "x.run").exists()
+
+
 def test_error_search_bad_backend(searched, runner, tmp_path):
     result = runner.invoke(app, ["search", "--dataset", str(searched["folder"]), "--output", str(tmp_path / "x.run"),
                                  "--cache-dir", str(searched["cache"]), "--backend", "annoy"], env=ENV)

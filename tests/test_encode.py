@@ -11,7 +11,7 @@ import pytest
 from filelock import FileLock
 
 from imrnn.encode import (Encoder, EncoderConfig, cache_key, cache_manifest, encode_cached, encode_corpus, encode_queries,
-                          resolve_precision)
+                          resolve_device, resolve_precision)
 from imrnn.errors import ConfigError
 
 TEXTS = [
@@ -272,3 +272,23 @@ def test_auto_precision_keys_the_cache_by_what_it_resolved_to(encoder, tmp_path)
     manifest = lambda enc: cache_manifest(enc, IDS, TEXTS, "")  # noqa: E731
     assert manifest(resolved) == manifest(same) != manifest(other)
     assert resolved.precision in resolved.describe()
+
+
+def test_device_auto_is_the_gpu_where_torch_sees_one_and_an_unusable_device_is_refused(monkeypatch):
+    import torch
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")  # this machine
+    assert resolve_device("cpu") == "cpu" and Encoder(device="auto").device == resolve_device("auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == "cuda" and resolve_device("cuda:0") == "cuda:0"
+    with pytest.raises(ConfigError, match=r"torch sees 1 CUDA GPU\(s\): pass cuda:0 to cuda:0"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(ConfigError, match="sees no CUDA GPU: pass --device cpu"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match="Unknown device 'gpu': pass auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu")
+    with pytest.raises(ConfigError, match="'mps' is not supported"):
+        Encoder(device="mps")

@@ -13,12 +13,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 import click
 
 from .config import EncoderConfig, IMRNNConfig, TrainConfig, command_line_fields
-from .errors import IMRNNError
+from .errors import ConfigError, IMRNNError
 from .store.config import StoreConfig
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ _TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "int | None":
 PathType = click.Path(path_type=Path)
 
 
-def _fail(err: Exception) -> None:
+def _fail(err: Exception) -> NoReturn:
     click.secho(f"error: {err}", fg="red", err=True)
     raise click.exceptions.Exit(2)
 
@@ -71,7 +71,18 @@ data_dir_option = click.option("--data-dir", envvar="IMRNN_DATA_DIR", default=No
 cache_dir_option = click.option("--cache-dir", envvar="IMRNN_CACHE_DIR", type=PathType, default=None,
                                 help="Cache for embeddings and downloads [env: IMRNN_CACHE_DIR; default: ~/.cache/imrnn].")
 split_option = click.option("--split", "-s", default="test", show_default=True, help="Qrels split to use (a file name in qrels/, e.g. test).")
-device_option = click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1 ...")
+def _resolved_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """`--device auto` -> cuda or cpu; a device this torch cannot use fails here, before any work."""
+    from .encode import resolve_device
+
+    try:
+        return resolve_device(value)
+    except ConfigError as err:
+        _fail(err)
+
+
+device_option = click.option("--device", default="auto", show_default=True, callback=_resolved_device,
+                             help="torch device: auto (the GPU where torch sees one, else the CPU), cpu, cuda, cuda:1 ...")
 batch_option = click.option("--batch-size", type=int, default=None,
                             help="Encoder batch size [default: 32 in bf16, 64 in fp32, the fastest measured].")
 no_download_option = click.option("--no-download", is_flag=True, help="Never try to download a missing dataset.")

@@ -72,6 +72,29 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def resolve_device(device: str) -> str:
+    """The torch device `device` names: `auto` is the first CUDA GPU where torch sees one, else the CPU. A device
+    this torch cannot use is a ConfigError saying what to pass instead (rather than an error deep inside torch)."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"Unknown device {device!r}: pass auto, cpu, cuda or cuda:N.") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"Device {device!r} was asked for, but this torch ({torch.__version__}) sees no CUDA GPU: "
+                              "pass --device cpu, or auto to use a GPU only where there is one.")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ConfigError(f"Device {device!r} was asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s): "
+                              f"pass cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+    elif parsed.type != "cpu":
+        raise ConfigError(f"Device {device!r} is not supported: imrnn runs on cpu and cuda (pass auto, cpu, cuda or cuda:N).")
+    return device
+
+
 def resolve_precision(precision: str, device: str) -> str:
     """The precision `auto` stands for on `device`: bf16 autocast where bf16 is computed natively (CPUs with
     AMX-BF16 or AVX512-BF16; CUDA GPUs that support bf16), fp32 everywhere else. On SciFact's corpus bf16 encodes
@@ -96,7 +119,7 @@ class Encoder:
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch_size must be positive, got {batch_size}.")
         self.config = config or EncoderConfig()
-        self.device = device
+        self.device = resolve_device(device)
         self.precision = resolve_precision(self.config.precision, device)
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE[self.precision]
         self.model_path = resolve_model_path(self.config.model)
