@@ -278,7 +278,9 @@ def test_device_auto_is_the_gpu_where_torch_sees_one_and_an_unusable_device_is_r
     import torch
 
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")  # this machine
-    assert resolve_device("cpu") == "cpu" and Encoder(device="auto").device == resolve_device("auto")
+    auto = Encoder(device="auto")
+    assert resolve_device("cpu") == "cpu" and auto.device == resolve_device("auto")
+    assert auto.precision == Encoder(device=auto.device).precision  # auto precision follows the resolved device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert resolve_device("auto") == "cuda" and resolve_device("cuda:0") == "cuda:0"

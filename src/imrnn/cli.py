@@ -71,6 +71,8 @@ data_dir_option = click.option("--data-dir", envvar="IMRNN_DATA_DIR", default=No
 cache_dir_option = click.option("--cache-dir", envvar="IMRNN_CACHE_DIR", type=PathType, default=None,
                                 help="Cache for embeddings and downloads [env: IMRNN_CACHE_DIR; default: ~/.cache/imrnn].")
 split_option = click.option("--split", "-s", default="test", show_default=True, help="Qrels split to use (a file name in qrels/, e.g. test).")
+
+
 def _resolved_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
     """`--device auto` -> cuda or cpu; a device this torch cannot use fails here, before any work."""
     from .encode import resolve_device

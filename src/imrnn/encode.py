@@ -120,7 +120,7 @@ class Encoder:
             raise ConfigError(f"batch_size must be positive, got {batch_size}.")
         self.config = config or EncoderConfig()
         self.device = resolve_device(device)
-        self.precision = resolve_precision(self.config.precision, device)
+        self.precision = resolve_precision(self.config.precision, self.device)
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE[self.precision]
         self.model_path = resolve_model_path(self.config.model)
         self._model: Any = None
