@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from imrnn.candidates import select_queries
+from imrnn.candidates import ranking_set, select_queries
 from imrnn.config import IMRNNConfig, TrainConfig
 from imrnn.errors import ConfigError
 from imrnn.model import IMRNN
 from imrnn.train import TrainResult, weight_soup
-from imrnn.workflow import SplitPlan, Workspace, train
+from imrnn.workflow import SplitPlan, Workspace, _training_set, train
 
 from conftest import randomised
 
@@ -44,6 +44,23 @@ def test_validation_folds_partition_the_training_and_validation_queries(tiny):
         assert set(member.train.ids) == pooled - set(member.validation.ids)
         assert member.test is plan.test and member.seen == plan.seen
         assert all(member.validation.qrels[q] == {**plan.train.qrels, **plan.validation.qrels}[q] for q in member.validation.ids)
+
+
+def test_a_members_added_positives_and_bm25_negatives_are_built_on_its_pooled_rows(tiny):
+    workspace, plan = tiny
+    pooled = (workspace.ranking(plan.train), workspace.ranking(plan.validation))
+    member = plan.validation_folds(2, seed=5)[0]
+    plain = select_queries(pooled, member.train.ids)
+    fresh = workspace.ranking(member.train)  # what a second search gives: the same lists, the same embeddings here
+    ids = workspace.dataset.corpus.ids
+    for config in (TrainConfig(max_added_positives=3), TrainConfig(max_added_positives=3, bm25_negatives=2)):
+        built = _training_set(workspace, member, config, plain)
+        assert built.query_embs is plain.query_embs  # the rows validation and search use, not a re-encoding
+        expected = ranking_set(member.train.ids, fresh.query_embs, fresh.candidates, member.train.qrels, ids, 3)
+        k = expected.candidates.shape[1]
+        assert np.array_equal(built.candidates[:, :k], expected.candidates)
+        assert np.array_equal(built.grades[:, :k], expected.grades)
+        assert built.candidates.shape[1] == k + config.bm25_negatives
 
 
 def test_the_weight_soup_holds_the_mean_weights_and_keeps_its_members():

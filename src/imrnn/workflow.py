@@ -222,19 +222,20 @@ def _train_adapters(workspace: Workspace, plan: SplitPlan, train_config: TrainCo
 
 
 def _training_set(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig, plain: RankingSet) -> RankingSet:
-    """The training queries' candidate lists: the first stage's (`plain`), plus the positives it missed and BM25
-    negatives when the config asks for them."""
+    """The training queries' candidate lists: the first stage's (`plain`, the rows of `plan.train`), plus the
+    positives it missed and BM25 negatives when the config asks for them, built on `plain`'s rows (no second search,
+    so the query embeddings are the very ones validation and search use)."""
     if not train_config.max_added_positives and not train_config.bm25_negatives:
         return plain
-    train_set = workspace.ranking(plan.train, train_config.max_added_positives)
+    corpus = workspace.dataset.corpus
+    extra = None
     if train_config.bm25_negatives:
         from .negatives import bm25_negatives, relevance_matrix
 
-        corpus = workspace.dataset.corpus
-        relevance = relevance_matrix(plan.train.ids, plan.train.qrels, corpus.ids)
+        relevance = relevance_matrix(plain.query_ids, plain.qrels, corpus.ids)
         extra = bm25_negatives(corpus.passages(), plan.train.texts, relevance, train_config.bm25_negatives)
-        train_set = ranking_set(plan.train.ids, train_set.query_embs, train_set.candidates, plan.train.qrels, corpus.ids, 0, extra)
-    return train_set
+    return ranking_set(plain.query_ids, plain.query_embs, plain.candidates, plain.qrels, corpus.ids,
+                       train_config.max_added_positives, extra)
 
 
 def evaluate(model: IMRNN, workspace: Workspace, plan: SplitPlan) -> EvaluationReport:
