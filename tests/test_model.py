@@ -169,6 +169,20 @@ def test_training_with_relevant_negative_weight_runs_and_differs_from_the_plain_
     assert any(not torch.equal(tensor, weighted.model.state_dict()[name]) for name, tensor in plain.model.state_dict().items())
 
 
+def test_a_frozen_projection_stays_the_identity_while_the_adapters_train():
+    docs, ids, train_set, val_set = synthetic_task()
+    config = TrainConfig(epochs=2, batch_size=32, lr=3e-3, candidates=50, seed=7, ema_half_life=0.0, plateau_average=False,
+                         patience=5)
+    trained = train_adapter(IMRNNConfig(embedding_dim=32, hidden_dim=32, dropout=0.0, train_projection=False), config,
+                            docs, ids, train_set, val_set, progress=False)
+    assert trained.best_epoch > 0  # something was kept beyond the untrained start
+    assert torch.equal(trained.model.projection.weight, torch.eye(32))
+    assert trained.model.query_adapter.out.weight.abs().sum() > 0
+    moving = train_adapter(IMRNNConfig(embedding_dim=32, hidden_dim=32, dropout=0.0), config, docs, ids, train_set, val_set,
+                           progress=False)
+    assert not torch.equal(moving.model.projection.weight, torch.eye(32))
+
+
 def interrupted_and_resumed(model_config, config, docs, ids, train_set, val_set, state_dir, on_stop=lambda state: None):
     """`train_adapter` interrupted after epoch 3 (its state saved in `state_dir`), then resumed to the end."""
     def stop_at_epoch_3(record: dict) -> None:

@@ -58,6 +58,8 @@ class IMRNNConfig:
     embedding_dim: int = setting(384, "Dimension of the frozen encoder's embeddings.", cli=False)  # from the encoder
     working_dim: int | None = setting(None, "Working-space dimension (default: square, identity-initialised).")
     identity_init: bool = setting(True, "Start the square projection at the identity.", cli=False)  # = square
+    train_projection: bool = setting(True, "Train the shared projection (--freeze-projection keeps it at its start).",
+                                     flag="--train-projection/--freeze-projection")
     hidden_dim: int = setting(128, "Hidden width of each adapter MLP.")
     dropout: float = setting(0.1, "Dropout inside the adapters.")
     use_query_adapter: bool = setting(True, "Use the query adapter A_q (--no-query-adapter: ablation).",
@@ -128,7 +130,8 @@ class TrainConfig:
                                                    "relevant to another training query (3: it counts 4 times), so the "
                                                    "adapter gains less by favouring the documents training saw as relevant "
                                                    "whatever the query; off by default, see the README.")
-    bm25_negatives: int = setting(0, "Extra BM25 negatives (bm25s) appended to each training candidate list.")
+    bm25_negatives: int = setting(0, "Extra BM25 negatives (bm25s) appended to each training candidate list "
+                                         "(they count in --loss listwise; the margin loss uses only the hardest negatives).")
     candidates: int = setting(100, "First-stage candidates the adapter re-ranks (K).", flag="--k", short="-k")
     max_added_positives: int = setting(0, "Positives the first stage missed that are put into a training list.")
     validation_fraction: float = setting(0.15, "Share of training queries carved out for validation.")

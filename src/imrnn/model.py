@@ -102,6 +102,7 @@ class IMRNN(nn.Module):
         if config.identity_init:
             with torch.no_grad():
                 self.projection.weight.copy_(torch.eye(dim))
+        self.projection.weight.requires_grad_(config.train_projection)
         self.query_adapter = _AffineHead(dim, config.hidden_dim, config.dropout)
         self.doc_adapter = _AffineHead(dim, config.hidden_dim, config.dropout)
         if config.memory_size:
