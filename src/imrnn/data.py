@@ -16,7 +16,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -185,24 +185,38 @@ def check_id(path: Path, number: int, value: str, what: str) -> str:
     return value
 
 
-def _read_jsonl(path: Path, kind: str) -> Iterator[tuple[int, dict]]:
-    if not path.is_file():
-        raise DataError(f"Missing {kind} file {path}. A BEIR folder needs corpus.jsonl, queries.jsonl and qrels/<split>.tsv.")
+def without_lone_surrogates(text: str) -> str:
+    """`text` with lone surrogates (from `\\ud800`-style JSON escapes: not encodable text) replaced by U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def json_objects(path: Path, malformed: Callable[[int, str, json.JSONDecodeError], str]) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSON Lines file. A line that is not one JSON object is a
+    DataError naming it; `malformed(number, line, error)` words the message for a line that is not JSON at all."""
     for number, line in numbered_lines(path):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}). "
-                "Each line must be one JSON object, e.g. {\"_id\": \"d1\", \"title\": \"\", \"text\": \"...\"}."
-            ) from None
+            raise DataError(malformed(number, line, err)) from None
         except (ValueError, RecursionError) as err:  # integers over 4300 digits, absurdly deep nesting
             reason = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(":")[0]
             raise DataError(f"{path}:{number}: unreadable JSON ({reason}). Each line must be one flat JSON object.") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}. Each line must be one object.")
+        yield number, record
+
+
+def _read_jsonl(path: Path, kind: str) -> Iterator[tuple[int, dict]]:
+    if not path.is_file():
+        raise DataError(f"Missing {kind} file {path}. A BEIR folder needs corpus.jsonl, queries.jsonl and qrels/<split>.tsv.")
+
+    def malformed(number: int, line: str, err: json.JSONDecodeError) -> str:
+        return (f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}). "
+                "Each line must be one JSON object, e.g. {\"_id\": \"d1\", \"title\": \"\", \"text\": \"...\"}.")
+
+    for number, record in json_objects(path, malformed):
         rid = record.get("_id")
         if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) == "":
             raise DataError(f"{path}:{number}: missing or empty \"_id\" in {kind} record. Give every record a unique \"_id\" string.")
@@ -210,8 +224,8 @@ def _read_jsonl(path: Path, kind: str) -> Iterator[tuple[int, dict]]:
         for key in ("title", "text"):
             if key in record and record[key] is not None and not isinstance(record[key], str):
                 raise DataError(f"{path}:{number}: \"{key}\" must be a string, got {type(record[key]).__name__}.")
-            if isinstance(record.get(key), str) and _SURROGATE.search(record[key]):
-                record[key] = _SURROGATE.sub("\ufffd", record[key])  # lone \\ud800-style escapes: not encodable text
+            if isinstance(record.get(key), str):
+                record[key] = without_lone_surrogates(record[key])
         yield number, record
 
 

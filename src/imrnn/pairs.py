@@ -25,13 +25,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from .data import MAX_RELEVANCE, Corpus, Dataset, Qrels, check_id, clip, numbered_lines
+from .data import MAX_RELEVANCE, Corpus, Dataset, Qrels, check_id, clip, json_objects, numbered_lines, without_lone_surrogates
 from .errors import DataError
 
 PAIRS_SPLIT = "train"  # the split that `load_pairs` fills from the pairs file
@@ -41,7 +40,6 @@ _DELIMITERS = {"csv": ",", "tsv": "\t"}
 _NAMES = {"jsonl": "JSON Lines", "csv": "CSV", "tsv": "TSV"}
 _ID_KEYS = ("_id", "id", "doc_id")  # a corpus record's id, under any one of these names
 PAIR_COLUMNS = ("query", "doc_id", "document", "grade", "query_id")
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _PAIR_EXAMPLE = '{"query": "...", "doc_id": "d1", "grade": 1}'
 
 
@@ -76,24 +74,13 @@ def read_rows(path: str | Path, kind: str, columns: tuple[str, ...]) -> Iterator
 
 
 def _json_rows(path: Path, why: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    for number, line in numbered_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            looks_tabular = not line.lstrip().startswith(("{", "[", '"')) and ("\t" in line or "," in line)
-            hint = " It looks like a CSV/TSV row: one file must use one format." if looks_tabular else ""
-            raise DataError(
-                f"{path}:{number}: not a JSON object ({err.msg} at column {err.colno}), but the file is JSON Lines (by {why}).{hint} "
-                f"Each line must be one object, e.g. {_PAIR_EXAMPLE}."
-            ) from None
-        except (ValueError, RecursionError) as err:  # integers over 4300 digits, absurdly deep nesting
-            reason = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(":")[0]
-            raise DataError(f"{path}:{number}: unreadable JSON ({reason}). Each line must be one flat JSON object.") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}. Each line must be one object.")
-        yield number, record
+    def malformed(number: int, line: str, err: json.JSONDecodeError) -> str:
+        looks_tabular = not line.lstrip().startswith(("{", "[", '"')) and ("\t" in line or "," in line)
+        hint = " It looks like a CSV/TSV row: one file must use one format." if looks_tabular else ""
+        return (f"{path}:{number}: not a JSON object ({err.msg} at column {err.colno}), but the file is JSON Lines "
+                f"(by {why}).{hint} Each line must be one object, e.g. {_PAIR_EXAMPLE}.")
+
+    yield from json_objects(path, malformed)
 
 
 def _table_rows(path: Path, fmt: str, why: str, columns: tuple[str, ...]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -148,7 +135,7 @@ def _string(path: Path, number: int, record: dict[str, Any], key: str) -> str | 
         return None
     if not isinstance(value, str):
         raise DataError(f"{path}:{number}: \"{key}\" must be a string, got {type(value).__name__} {clip(value)}.")
-    return _LONE_SURROGATE.sub("\ufffd", value)
+    return without_lone_surrogates(value)
 
 
 def _identifier(path: Path, number: int, record: dict[str, Any], key: str) -> str | None:
