@@ -27,6 +27,7 @@ from .store.adapter import AdapterIdentity
 from .store.base import ID_BYTES, Records, VectorStore
 
 LOCAL_RAY = "local"  # `--ray` without an address: start a Ray instance on this machine
+LOCAL_RAY_STARTS = 3  # tries to start a local Ray: its start-up fails now and then for reasons that do not repeat
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,29 @@ class EncodeActor:
         return {"row": batch["row"], "embedding": self.encoder.encode(texts, self.encoder.config.passage_prefix)}
 
 
+def _start_ray(ray: Any, address: str) -> None:
+    """Connect to the Ray cluster at `address`, or start a local Ray (LOCAL_RAY), trying up to LOCAL_RAY_STARTS times:
+    a local start fails now and then (once in four full test runs here, after its GCS was up; the ports Ray's
+    components pick at random can collide, ray-project/ray#18053); the starts after it worked.
+    StoreError when it cannot be done."""
+    if address != LOCAL_RAY:
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except ConnectionError as err:
+            raise StoreError(f"Could not reach the Ray cluster at {address!r} ({err}). Start it (`ray start --head`), "
+                             "check the address, or give --ray without an address for a local Ray.") from None
+        return
+    for attempt in range(1, LOCAL_RAY_STARTS + 1):
+        try:
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            return
+        except Exception as err:  # Ray raises ValueError, RuntimeError or plain Exception from its start-up
+            if attempt == LOCAL_RAY_STARTS:
+                raise StoreError(f"Could not start a local Ray in {attempt} tries (last: {type(err).__name__}: {err}). "
+                                 "Ray's logs (by default in /tmp/ray/session_latest/logs) say why; or index without --ray.") from err
+            time.sleep(attempt)  # give the ports and processes of the failed start a moment to go
+
+
 def _ray_batches(config: EncoderConfig, corpus: Corpus, start: int, batch_size: int, address: str, actors: int,
                  device: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(rows, embeddings) from `start` on, encoded by `actors` Ray Data actors, in corpus order, in store batches.
@@ -159,14 +183,7 @@ def _ray_batches(config: EncoderConfig, corpus: Corpus, start: int, batch_size: 
         raise ImportError("Encoding with Ray needs ray[data]: pip install 'imrnn[ray]'") from err
     started = not ray.is_initialized()
     if started:
-        try:
-            if address == LOCAL_RAY:
-                ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-            else:
-                ray.init(address=address, log_to_driver=False, configure_logging=False)
-        except ConnectionError as err:
-            raise StoreError(f"Could not reach the Ray cluster at {address!r} ({err}). Start it (`ray start --head`), "
-                             "check the address, or give --ray without an address for a local Ray.") from None
+        _start_ray(ray, address)
     try:
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # corpus order: the recorded progress stays a prefix
