@@ -27,7 +27,7 @@ from .store.adapter import AdapterIdentity
 from .store.base import ID_BYTES, Records, VectorStore
 
 LOCAL_RAY = "local"  # `--ray` without an address: start a Ray instance on this machine
-LOCAL_RAY_STARTS = 3  # tries to start a local Ray: its start-up fails now and then for reasons that do not repeat
+LOCAL_RAY_STARTS = 3  # tries to start a local Ray, whose start-up fails now and then (see `_start_ray`)
 
 
 @dataclass(frozen=True)
