@@ -262,8 +262,9 @@ def test_a_failed_local_ray_start_is_tried_again(env, tmp_path, monkeypatch):
         return real_init(*args, **kwargs)
 
     monkeypatch.setattr(ray, "init", failing_once)
-    out = cli(env, "index", "--dataset", str(env["data"]), "--store", store_uri("milvus", tmp_path), "--checkpoint",
-              str(env["ckpts"][0]), "--ray", "--ray-actors", "1")
+    with pytest.warns(UserWarning, match=r"did not start \(ValueError: .*\); trying again \(2 of 3\)"):
+        out = cli(env, "index", "--dataset", str(env["data"]), "--store", store_uri("milvus", tmp_path), "--checkpoint",
+                  str(env["ckpts"][0]), "--ray", "--ray-actors", "1")
     assert "indexed: 20 documents" in out and len(calls) == 2
     assert not ray.is_initialized()
 
@@ -276,8 +277,9 @@ def test_a_local_ray_that_never_starts_is_a_clear_error(env, tmp_path, monkeypat
         raise RuntimeError("Failed to start the raylet")
 
     monkeypatch.setattr(ray, "init", never)
-    out = cli_error(env, "index", "--dataset", str(env["data"]), "--store", store_uri("milvus", tmp_path), "--checkpoint",
-                    str(env["ckpts"][0]), "--ray")
+    with pytest.warns(UserWarning, match="trying again"):
+        out = cli_error(env, "index", "--dataset", str(env["data"]), "--store", store_uri("milvus", tmp_path), "--checkpoint",
+                        str(env["ckpts"][0]), "--ray")
     assert f"Could not start a local Ray in {imrnn.indexing.LOCAL_RAY_STARTS} tries" in out
     assert "RuntimeError: Failed to start the raylet" in out and "without --ray" in out
 

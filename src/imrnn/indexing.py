@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -165,6 +166,8 @@ def _start_ray(ray: Any, address: str) -> None:
             if attempt == LOCAL_RAY_STARTS:
                 raise StoreError(f"Could not start a local Ray in {attempt} tries (last: {type(err).__name__}: {err}). "
                                  "Ray's logs (by default in /tmp/ray/session_latest/logs) say why; or index without --ray.") from err
+            warnings.warn(f"A local Ray did not start ({type(err).__name__}: {err}); trying again "
+                          f"({attempt + 1} of {LOCAL_RAY_STARTS}).", stacklevel=2)
             time.sleep(attempt)  # give the ports and processes of the failed start a moment to go
 
 
