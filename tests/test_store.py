@@ -251,7 +251,7 @@ def test_ray_encoding_stores_the_single_process_vectors(env, tmp_path):
 
 
 def test_a_failed_local_ray_start_is_tried_again(env, tmp_path, monkeypatch):
-    """A local Ray's start-up fails now and then (seen once in four full test runs here): the next try must do."""
+    """A local Ray's start-up fails now and then (seen once in nine full test runs here): the next try must do."""
     ray = pytest.importorskip("ray")
     real_init, calls = ray.init, []
 

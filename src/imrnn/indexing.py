@@ -148,7 +148,7 @@ class EncodeActor:
 
 def _start_ray(ray: Any, address: str) -> None:
     """Connect to the Ray cluster at `address`, or start a local Ray (LOCAL_RAY), trying up to LOCAL_RAY_STARTS times:
-    a local start fails now and then (once in four full test runs here, after its GCS was up; the ports Ray's
+    a local start fails now and then (once in nine full test runs here, after its GCS was up; the ports Ray's
     components pick at random can collide, ray-project/ray#18053); the starts after it worked.
     StoreError when it cannot be done."""
     if address != LOCAL_RAY:
