@@ -6,7 +6,8 @@ Usage (from the repository root, after the README's install command):
 
 Per collection: the official train / validation (dev, else 15 % carved from train) / test splits where a train split
 exists, else 5-fold cross-validation over its queries (validation carved from the training folds; the union of the
-test folds is reported). Every system re-ranks the same frozen top-100 and is tuned on the same non-test queries:
+test folds is reported). Every system re-ranks the same frozen top-100 (`--set candidates=200`: top-200)
+and is tuned on the same non-test queries:
 * `Rocchio`: non-learned feedback, beta and m tuned on the training and validation queries (benchmarks/baselines.py);
 * `linear adapter`: q' = W q (LlamaIndex / OpenAI cookbook), learning rate and epoch chosen on validation;
 * `default recipe`: `imrnn.workflow.train` with the default `TrainConfig`, exactly what `imrnn run` does; the other
@@ -203,8 +204,8 @@ def run_collection(name: str, recipe: TrainConfig, model: IMRNNConfig, variants:
                    baselines: bool, held_out: bool = False) -> dict:
     """Every system on one collection: per-system union comparison vs base, validation means, seconds."""
     plans, protocol = plans_for(name, recipe.seed, recipe.validation_fraction)
-    workspace = Workspace.open(load_dataset(name, DATA_DIR, None, download=False), EncoderConfig(precision="fp32"), k=100,
-                               progress=False)
+    workspace = Workspace.open(load_dataset(name, DATA_DIR, None, download=False), EncoderConfig(precision="fp32"),
+                               k=recipe.candidates, progress=False)
     runs: dict[str, Run] = {"base": {}}
     validation: dict[str, list[tuple[float, int]]] = {"base": []}
     seconds: dict[str, float] = {}
