@@ -148,6 +148,29 @@ def test_relevant_negatives_weigh_more_in_the_margin_loss_and_weight_one_changes
     assert _loss(config, scores, grades, weights).item() == pytest.approx((0.4 + 4 * 0.3 + 2 * 0.4 + 2 * 0.1) / (1 + 4 + 2 + 2))
 
 
+def test_the_query_balanced_margin_loss_averages_each_query_first():
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.1], [0.2, 0.6, 0.5, float("-inf")], [0.3, 0.2, 0.1, 0.0]])
+    grades = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # row 2: no positive
+    # the hinges of the test above: row 0 (0.4 + 0.3) / 2, row 1 (2 * 0.4 + 2 * 0.1) / 4; row 2 has no pair
+    balanced = _loss(TrainConfig(margin=0.5, hard_negatives=2, query_balanced=True), scores, grades)
+    assert balanced.item() == pytest.approx(((0.4 + 0.3) / 2 + (2 * 0.4 + 2 * 0.1) / 4) / 2)
+    pooled = _loss(TrainConfig(margin=0.5, hard_negatives=2, query_balanced=False), scores, grades)
+    assert pooled.item() == pytest.approx((0.4 + 0.3 + 2 * 0.4 + 2 * 0.1) / (1 + 1 + 2 + 2))
+    weights = torch.tensor([[1.0, 1.0, 4.0, 1.0], [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    assert _loss(TrainConfig(margin=0.5, hard_negatives=2, query_balanced=True), scores, grades, weights).item() == \
+        pytest.approx(((0.4 + 4 * 0.3) / 5 + (2 * 0.4 + 2 * 0.1) / 4) / 2)
+
+
+def test_training_with_the_query_balanced_loss_runs_and_differs_from_the_pooled_one():
+    docs, ids, train_set, val_set = synthetic_task()
+    model_config = IMRNNConfig(embedding_dim=32, hidden_dim=32, dropout=0.0)
+    base = TrainConfig(epochs=2, batch_size=32, lr=3e-3, candidates=50, seed=7, ema_half_life=0.0, plateau_average=False)
+    pooled = train_adapter(model_config, base, docs, ids, train_set, val_set, progress=False)
+    balanced = train_adapter(model_config, dataclasses.replace(base, query_balanced=True), docs, ids, train_set, val_set,
+                             progress=False)
+    assert pooled.history[1]["loss"] != balanced.history[1]["loss"]
+
+
 def test_relevant_elsewhere_marks_candidates_relevant_to_any_training_query():
     docs, ids, train_set, _ = synthetic_task()
     marked = relevant_elsewhere(train_set, ids)

@@ -130,6 +130,11 @@ class TrainConfig:
                                                    "relevant to another training query (3: it counts 4 times), so the "
                                                    "adapter gains less by favouring the documents training saw as relevant "
                                                    "whatever the query; off by default, see the README.")
+    query_balanced: bool = setting(False, "Margin loss: average each training query's pairs first, then the queries (each "
+                                          "query counts once, as in nDCG@10 and the listwise loss), instead of pooling a "
+                                          "batch's pairs (the default: a query with many positives counts more); off by "
+                                          "default, see the README.",
+                                   flag="--query-balanced/--pair-balanced")
     bm25_negatives: int = setting(0, "Extra BM25 negatives (bm25s) appended to each training candidate list "
                                          "(they count in --loss listwise; the margin loss uses only the hardest negatives).")
     candidates: int = setting(100, "First-stage candidates the adapter re-ranks (K).", flag="--k", short="-k")

@@ -95,7 +95,11 @@ def _loss(config: TrainConfig, scores: torch.Tensor, grades: torch.Tensor,
     weight = grades[:, :, None].expand_as(hinge) * usable
     if negative_weights is not None:
         weight = weight * negative_weights[valid_rows].gather(1, hardest_columns)[:, None, :]
-    return (torch.nan_to_num(hinge) * weight).sum() / weight.sum().clamp(min=1.0)
+    weighted = torch.nan_to_num(hinge) * weight
+    if config.query_balanced:
+        per_query = weighted.sum((1, 2)) / weight.sum((1, 2)).clamp(min=1.0)
+        return per_query.sum() / (weight.sum((1, 2)) > 0).sum().clamp(min=1)
+    return weighted.sum() / weight.sum().clamp(min=1.0)
 
 
 def train_adapter(
