@@ -180,8 +180,8 @@ def held_out_validation(workspace: Workspace, plan: SplitPlan, recipe: TrainConf
     Unlike the validation column, nothing is selected on the queries that score it, so recipes that search more
     (more epochs, more patience) get no credit for the search itself. Per-query nDCG@10 over all validation queries:
     {"base", "recipe", "unseen"} ("unseen": a 0/1 mask of the queries none of whose relevant documents is relevant
-    to a training or other-half query)."""
-    out: dict[str, list[np.ndarray]] = {"base": [], "recipe": [], "unseen": []}
+    to a training or other-half query), and "query_ids" (a query is scored once per split whose validation holds it)."""
+    out: dict[str, list[np.ndarray]] = {"base": [], "recipe": [], "unseen": [], "query_ids": []}
     for half_plan in held_out_plans(plan, recipe.seed):
         scoring = half_plan.test
         fit = train(workspace, half_plan, recipe, model, progress=False)
@@ -189,8 +189,9 @@ def held_out_validation(workspace: Workspace, plan: SplitPlan, recipe: TrainConf
         out["recipe"].append(validation_values(fit.model, data, workspace.doc_embs, workspace.dataset.corpus.ids))
         frozen = hits_to_run(data.query_ids, workspace.dataset.corpus.ids, data.candidates, workspace.frozen_scores(data))
         out["base"].append(per_query(frozen, data.qrels, ["nDCG@10"])["nDCG@10"])
-        unseen = set(half_plan.unseen_relevant(scoring))
-        out["unseen"].append(np.array([q in unseen for q in evaluated_queries(scoring.qrels)], dtype=float))
+        unseen, judged = set(half_plan.unseen_relevant(scoring)), evaluated_queries(scoring.qrels)
+        out["unseen"].append(np.array([q in unseen for q in judged], dtype=float))
+        out["query_ids"].append(np.array(judged, dtype=str))
     return {key: np.concatenate(parts) for key, parts in out.items()}
 
 
@@ -251,7 +252,8 @@ def run_collection(name: str, recipe: TrainConfig, model: IMRNNConfig, variants:
         out["held_out_validation"] = {"queries": len(novel), "base": float(pooled["base"].mean()),
                                       "recipe": float(pooled["recipe"].mean()), "unseen_queries": int(novel.sum()),
                                       "unseen_base": float(pooled["base"][novel].mean()) if novel.any() else None,
-                                      "unseen_recipe": float(pooled["recipe"][novel].mean()) if novel.any() else None}
+                                      "unseen_recipe": float(pooled["recipe"][novel].mean()) if novel.any() else None,
+                                      "per_query": {key: pooled[key].tolist() for key in ("query_ids", "base", "recipe")}}
     for system, run in runs.items():
         overall = Comparison.of_runs(runs["base"], run, qrels)
         subset = {q: qrels[q] for q in unseen}

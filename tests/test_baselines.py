@@ -120,3 +120,13 @@ def test_the_document_prior_figures_are_the_frozen_and_adapted_test_rankings(tin
     assert len(values["unseen"]) == len(values["adapted share"]) == len(test.qrels)
     for key in ("base share", "adapted share"):
         assert ((values[key] >= 0) & (values[key] <= 1)).all()
+
+
+def test_held_out_validation_keeps_each_scored_query_with_its_values(tiny_workspace):
+    workspace, plan = tiny_workspace
+    recipe = TrainConfig(epochs=2, validation_folds=1, seed=1)
+    values = all_collections.held_out_validation(workspace, plan, recipe, IMRNNConfig())
+    halves = all_collections.held_out_plans(plan, seed=1)
+    expected = [q for half in halves for q in sorted(q for q, docs in half.test.qrels.items() if any(r > 0 for r in docs.values()))]
+    assert values["query_ids"].tolist() == expected  # the scoring halves' judged queries, in the order of the values
+    assert len(values["base"]) == len(values["recipe"]) == len(values["unseen"]) == len(expected) > 0
