@@ -251,8 +251,14 @@ def test_ray_encoding_stores_the_single_process_vectors(env, tmp_path):
 
 
 def test_a_failed_local_ray_start_is_tried_again(env, tmp_path, monkeypatch):
-    """A local Ray's start-up fails now and then (seen once in nine full test runs here): the next try must do."""
+    """A local Ray's start-up fails now and then (its raylet not registered within Ray's fixed 30 s on busy cores):
+    a later try must do. One more try than production's, so the injected failure leaves the real starts their usual
+    number (a real start has failed here too, after the injected one)."""
     ray = pytest.importorskip("ray")
+    import imrnn.indexing as indexing
+
+    tries = indexing.LOCAL_RAY_STARTS + 1
+    monkeypatch.setattr(indexing, "LOCAL_RAY_STARTS", tries)
     real_init, calls = ray.init, []
 
     def failing_once(*args, **kwargs):
@@ -262,10 +268,10 @@ def test_a_failed_local_ray_start_is_tried_again(env, tmp_path, monkeypatch):
         return real_init(*args, **kwargs)
 
     monkeypatch.setattr(ray, "init", failing_once)
-    with pytest.warns(UserWarning, match=r"did not start \(ValueError: .*\); trying again \(2 of 3\)"):
+    with pytest.warns(UserWarning, match=rf"did not start \(ValueError: .*\); trying again \(2 of {tries}\)"):
         out = cli(env, "index", "--dataset", str(env["data"]), "--store", store_uri("milvus", tmp_path), "--checkpoint",
                   str(env["ckpts"][0]), "--ray", "--ray-actors", "1")
-    assert "indexed: 20 documents" in out and len(calls) == 2
+    assert "indexed: 20 documents" in out and 2 <= len(calls) <= tries
     assert not ray.is_initialized()
 
 

@@ -148,8 +148,9 @@ class EncodeActor:
 
 def _start_ray(ray: Any, address: str) -> None:
     """Connect to the Ray cluster at `address`, or start a local Ray (LOCAL_RAY), trying up to LOCAL_RAY_STARTS times:
-    a local start fails now and then (once in nine full test runs here, after its GCS was up; the ports Ray's
-    components pick at random can collide, ray-project/ray#18053); the starts after it worked.
+    a local start fails now and then (twice in about a dozen full test runs here, each time after its GCS was up; the one
+    whose error was recorded: "The current node timed out during startup", Ray waiting a fixed 30 s for its raylet to
+    register, on 2 busy cores; Ray's start-up is known to fail now and then, ray-project/ray#18053); a later try worked.
     StoreError when it cannot be done."""
     if address != LOCAL_RAY:
         try:
