@@ -103,6 +103,8 @@ def test_invalid_train_config_is_refused():
             TrainConfig(relevant_negative_weight=weight)
     with pytest.raises(ConfigError, match="use it with loss=margin"):
         TrainConfig(relevant_negative_weight=3.0, loss="listwise")
+    with pytest.raises(ConfigError, match="query_balanced averages the margin loss per query.*use it with loss=margin"):
+        TrainConfig(query_balanced=True, loss="listwise")
 
 
 def synthetic_task(seed: int = 0, n_docs: int = 600, dim: int = 32):

@@ -192,6 +192,9 @@ class TrainConfig:
         if self.relevant_negative_weight and self.loss != "margin":
             raise ConfigError("relevant_negative_weight weighs the negatives of the margin loss; use it with loss=margin "
                               f"(got loss={self.loss!r}) or set it to 0.")
+        if self.query_balanced and self.loss != "margin":
+            raise ConfigError("query_balanced averages the margin loss per query, and the listwise loss already counts "
+                              f"each query once; use it with loss=margin (got loss={self.loss!r}) or leave it off.")
         if self.validation_folds > 1 and (self.novelty_gate or self.keep_only_if_better):
             raise ConfigError("The novelty gate and the acceptance test are chosen on validation queries that no adapter "
                               f"trained on, and with validation_folds={self.validation_folds} every one of them trains an "

@@ -78,7 +78,8 @@ def relevant_elsewhere(train_set: RankingSet, doc_ids: np.ndarray) -> np.ndarray
 def _loss(config: TrainConfig, scores: torch.Tensor, grades: torch.Tensor,
           negative_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Listwise: cross-entropy to the grade distribution over the candidates; margin: pairwise hinge, each pair
-    weighted by the positive's grade and, if given, by the negative's `negative_weights` `[B, K]`."""
+    weighted by the positive's grade and, if given, by the negative's `negative_weights` `[B, K]`, averaged over the
+    batch's pairs (`query_balanced`: over each query's pairs, then over the queries)."""
     positive = grades > 0
     valid_rows = positive.any(1)
     scores, grades, positive = scores[valid_rows], grades[valid_rows], positive[valid_rows]
