@@ -74,18 +74,21 @@ def _switch(field: str, label: str) -> tuple[str, dict]:
 
 
 ONE_ADAPTER = {"validation_folds": 1}  # the gate and the acceptance test need validation queries no adapter trained on
+POOLED = {"choose_query_balanced": False}  # the pooled margin loss alone, as every default before this round's
 VARIANTS: dict[str, dict] = dict([  # TrainConfig changes from the recipe under test: its ablations and earlier defaults
     (DEFAULT_NAME, {}),
+    ("previous default", POOLED),
     ("without weight averaging", {"ema_half_life": 0.0}),
     ("with in-sample feedback rule", {"feedback_rule": "in-sample"}),
     _switch("feedback", "Rocchio start"),
     ("with novelty gate (abstain rule)", {**ONE_ADAPTER, "novelty_gate": True}),
     ("with acceptance test", {**ONE_ADAPTER, "keep_only_if_better": True}),
     ("without few-query fallback", {"min_queries": 0}),
-    ("previous default", ONE_ADAPTER),
-    ("earlier default", {**ONE_ADAPTER, "plateau_average": False}),
-    ("the default before it", {**ONE_ADAPTER, "ema_half_life": 0.0, "feedback_rule": "in-sample", "plateau_average": False}),
-    ("first default", {**ONE_ADAPTER, "feedback": False, "novelty_gate": True, "gate_rule": "one-standard-error",
+    ("one-adapter default", {**ONE_ADAPTER, **POOLED}),
+    ("earlier default", {**ONE_ADAPTER, **POOLED, "plateau_average": False}),
+    ("the default before it", {**ONE_ADAPTER, **POOLED, "ema_half_life": 0.0, "feedback_rule": "in-sample",
+                               "plateau_average": False}),
+    ("first default", {**ONE_ADAPTER, **POOLED, "feedback": False, "novelty_gate": True, "gate_rule": "one-standard-error",
                        "keep_only_if_better": False, "min_queries": 0, "ema_half_life": 0.0, "feedback_rule": "in-sample",
                        "plateau_average": False}),
 ])

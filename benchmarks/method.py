@@ -96,6 +96,7 @@ def main() -> None:
         if args.ablations:
             full = IMRNNConfig()
             other_loss = "listwise" if TrainConfig().loss == "margin" else "margin"
+            pooled = {"choose_query_balanced": False}  # every default before this round's
             variants = {
                 "full model (seed 42)": (full, TrainConfig()),
                 "without A_q": (dataclasses.replace(full, use_query_adapter=False), TrainConfig()),
@@ -105,12 +106,14 @@ def main() -> None:
                 "without Rocchio start (feedback)": (full, TrainConfig(feedback=False)),
                 "with novelty gate (abstain rule)": (full, TrainConfig(novelty_gate=True, validation_folds=1)),
                 "without weight averaging": (full, TrainConfig(ema_half_life=0.0)),
-                "previous default (one adapter, not a soup of three)": (full, TrainConfig(validation_folds=1)),
-                "earlier default (best epoch, not the plateau's mean)": (full, TrainConfig(validation_folds=1, plateau_average=False)),
+                "previous default (the pooled margin loss, not chosen on validation)": (full, TrainConfig(**pooled)),
+                "one-adapter default (not a soup of three)": (full, TrainConfig(validation_folds=1, **pooled)),
+                "earlier default (best epoch, not the plateau's mean)": (full, TrainConfig(validation_folds=1, plateau_average=False,
+                                                                                            **pooled)),
                 "the default before it (raw weights, in-sample feedback rule, best epoch)": (full, TrainConfig(
-                    validation_folds=1, ema_half_life=0.0, feedback_rule="in-sample", plateau_average=False)),
+                    validation_folds=1, ema_half_life=0.0, feedback_rule="in-sample", plateau_average=False, **pooled)),
                 "first default (no feedback, gate by one SE, raw weights, best epoch)": (full, TrainConfig(
-                    validation_folds=1, feedback=False, novelty_gate=True, gate_rule="one-standard-error", ema_half_life=0.0,
+                    validation_folds=1, **pooled, feedback=False, novelty_gate=True, gate_rule="one-standard-error", ema_half_life=0.0,
                     plateau_average=False)),
             }
         for label, (model_config, train_config) in variants.items():

@@ -46,6 +46,9 @@ def test_train_writes_a_complete_checkpoint(trained):
     recipe = payload["recipe"]  # every selection is recorded: the tuned feedback and whether anything was trained
     assert recipe["trained"] is True and recipe["judged_queries"] == 4
     assert set(recipe["feedback"]) >= {"beta", "m", "queries", "nDCG@10"} and recipe["feedback"]["queries"] == 4
+    averaging = recipe["loss_averaging"]  # the margin loss pooled or per query: chosen on validation, recorded
+    assert averaging["chosen"] in ("pooled", "query-balanced") and averaging["queries"] == 4
+    assert set(averaging["validation_nDCG@10"]) == {"pooled", "query-balanced"}
     members = payload["training"]["members"]  # the default soup: one adapter per validation fold, each recorded
     assert len(members) == payload["train_config"]["validation_folds"] == 3
     for member in members:  # the epochs whose mean weights were kept include the best one

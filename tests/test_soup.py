@@ -3,6 +3,8 @@ start, and the mean of their weights (`SplitPlan.validation_folds`, `train.weigh
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +98,73 @@ def test_the_gate_and_the_acceptance_test_need_one_adapter_and_old_records_train
         TrainConfig(validation_folds=0)
     assert TrainConfig().validation_folds == 3
     assert TrainConfig.from_dict({"seed": 4, "novelty_gate": True}).validation_folds == 1  # a checkpoint from before the soup
+
+
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory, write_tiny_beir, encoder):
+    """A random collection whose queries have 1 to 6 relevant documents each, so that pooling a batch's pairs and
+    averaging each query's first train different adapters (with equal counts the two losses are the same)."""
+    rng = np.random.default_rng(0)
+    words = ("alpha beta gamma delta sun moon river stone glass metal fire water cell gene protein light sound field "
+             "wave star rock tree leaf seed root salt acid iron copper").split()
+    marked = 30  # the relevant documents all come from the first 30, which share a word no query has: learnable
+    docs = {f"d{i}": (f"doc {i}", " ".join(rng.choice(words, 8)) + (" zircon zircon" if i < marked else ""))
+            for i in range(80)}
+    queries = {f"q{i}": " ".join(rng.choice(words, 4)) for i in range(36)}
+    qrels = {"train": {f"q{i}": {f"d{j}": int(rng.integers(1, 3)) for j in rng.choice(marked, 1 + i % 6, replace=False)}
+                       for i in range(30)},
+             "test": {f"q{i}": {f"d{j}": 1 for j in rng.choice(marked, 2, replace=False)} for i in range(30, 36)}}
+    root = tmp_path_factory.mktemp("varied")
+    workspace = Workspace.open(write_tiny_beir(root / "varied", docs, queries, qrels), encoder, k=20,
+                               cache_dir=root / "cache", progress=False)
+    return workspace, SplitPlan.official(workspace.dataset, fraction=0.3, seed=1)
+
+
+def _own_fold_values(workspace, plan, result, config):
+    """Each member's nDCG@10 on its own validation fold, computed here without the workflow's helper."""
+    from imrnn.train import validation_values
+
+    sets = (workspace.ranking(plan.train), workspace.ranking(plan.validation))
+    folds = plan.validation_folds(config.validation_folds, config.seed)
+    return np.concatenate([validation_values(m.model, select_queries(sets, f.validation.ids), workspace.doc_embs,
+                                             workspace.dataset.corpus.ids) for m, f in zip(result.members, folds)])
+
+
+def test_choosing_the_loss_keeps_the_query_balanced_adapters_only_if_out_of_fold_validation_clearly_prefers_them(varied, tmp_path):
+    from imrnn.evaluate import clearly_better
+
+    workspace, plan = varied
+    config = TrainConfig(validation_folds=2, epochs=3, lr=3e-2, min_queries=0, seed=3)
+    pooled = train(workspace, plan, dataclasses.replace(config, choose_query_balanced=False), progress=False)
+    balanced_config = TrainConfig(validation_folds=2, epochs=3, lr=3e-2, min_queries=0, seed=3, query_balanced=True)
+    balanced = train(workspace, plan, balanced_config, progress=False)
+    pooled_values, balanced_values = (_own_fold_values(workspace, plan, r, config) for r in (pooled, balanced))
+    assert not np.allclose(pooled_values, balanced_values)  # the two losses trained different adapters
+
+    chosen = train(workspace, plan, config, progress=False, state_dir=tmp_path / "state")
+    report = chosen.recipe["loss_averaging"]
+    expected = "query-balanced" if clearly_better(balanced_values, pooled_values) else "pooled"
+    assert report["chosen"] == expected and report["queries"] == len(plan.train) + len(plan.validation)
+    assert report["validation_nDCG@10"] == pytest.approx({"pooled": pooled_values.mean(), "query-balanced": balanced_values.mean()})
+    kept = balanced if expected == "query-balanced" else pooled
+    for name, tensor in chosen.model.state_dict().items():
+        assert torch.equal(tensor, kept.model.state_dict()[name]), name
+    assert (tmp_path / "state" / "query-balanced" / "member1").is_dir()  # each arm's training state apart, resumable
+
+    resumed = train(workspace, plan, config, progress=False, state_dir=tmp_path / "state", resume=True)
+    assert resumed.recipe["loss_averaging"] == report
+    for name, tensor in resumed.model.state_dict().items():
+        assert torch.equal(tensor, chosen.model.state_dict()[name]), name
+
+
+def test_choosing_the_loss_with_one_adapter_compares_the_validation_split(varied):
+    workspace, plan = varied
+    chosen = train(workspace, plan, TrainConfig(validation_folds=1, epochs=2, lr=3e-2, min_queries=0, seed=3), progress=False)
+    assert chosen.recipe["loss_averaging"]["queries"] == len(plan.validation)
+
+
+def test_the_loss_is_chosen_by_default_unless_the_config_settles_it():
+    assert TrainConfig().chooses_loss_averaging
+    for settled in ({"query_balanced": True}, {"loss": "listwise"}, {"choose_query_balanced": False}):
+        assert not TrainConfig(**settled).chooses_loss_averaging
+    assert not TrainConfig.from_dict({"seed": 4}).chooses_loss_averaging  # a record from before the choice existed

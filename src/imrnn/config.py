@@ -132,9 +132,15 @@ class TrainConfig:
                                                    "whatever the query; off by default, see the README.")
     query_balanced: bool = setting(False, "Margin loss: average each training query's pairs first, then the queries (each "
                                           "query counts once, as in nDCG@10 and the listwise loss), instead of pooling a "
-                                          "batch's pairs (the default: a query with many positives counts more); off by "
-                                          "default, see the README.",
+                                          "batch's pairs (a query with many positives counts more); by default validation "
+                                          "chooses (--choose-query-balanced), this flag imposes it.",
                                    flag="--query-balanced/--pair-balanced")
+    choose_query_balanced: bool = setting(True, "Train the adapters twice, with the pooled and with the query-balanced margin "
+                                                "loss, and keep the query-balanced ones only if their out-of-fold validation "
+                                                "nDCG@10 beats the pooled ones' by more than one paired standard error "
+                                                "(twice the training time; --no-choose-query-balanced: the pooled loss alone). "
+                                                "Only with the margin loss, and not when --query-balanced imposes it.",
+                                          flag="--choose-query-balanced/--no-choose-query-balanced")
     bm25_negatives: int = setting(0, "Extra BM25 negatives (bm25s) appended to each training candidate list "
                                          "(they count in --loss listwise; the margin loss uses only the hardest negatives).")
     candidates: int = setting(100, "First-stage candidates the adapter re-ranks (K).", flag="--k", short="-k")
@@ -204,13 +210,20 @@ class TrainConfig:
         if not 0.0 < self.validation_fraction < 1.0:
             raise ConfigError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}.")
 
+    @property
+    def chooses_loss_averaging(self) -> bool:
+        """Whether training chooses between the pooled and the query-balanced margin loss on validation: asked for,
+        and not settled by the loss (listwise counts each query once) or by `query_balanced`."""
+        return self.choose_query_balanced and self.loss == "margin" and not self.query_balanced
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        """The config recorded as `values`; a record from before `validation_folds` existed trained one adapter."""
-        values = {"validation_folds": 1, **values}
+        """The config recorded as `values`; a record from before `validation_folds` existed trained one adapter, one
+        from before `choose_query_balanced` existed the pooled margin loss alone."""
+        values = {"validation_folds": 1, "choose_query_balanced": False, **values}
         known = {f.name for f in dataclasses.fields(cls)}
         if set(values) - known:
             raise ConfigError(f"Unknown TrainConfig fields {sorted(set(values) - known)}; known: {sorted(known)}.")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 
 from . import __version__
 from .candidates import RankingSet, ranking_set, select_queries
@@ -26,14 +27,14 @@ from .checkpoint import Checkpoint, save_checkpoint
 from .config import IMRNNConfig, TrainConfig
 from .data import Dataset, Qrels, QuerySet, carve_validation, default_cache_dir, kfold, random_splits
 from .errors import ConfigError
-from .evaluate import Run, evaluated_queries, hits_to_run, paired_test, per_query
+from .evaluate import Run, clearly_better, evaluated_queries, hits_to_run, paired_test, per_query
 from .feedback import feedback_ndcg, tune_feedback
 from .files import atomic_write_json
 from .model import IMRNN
 from .workspace import Workspace
 from .resume import discard_state, has_state
 from .scoring import score_candidates, sort_by_score
-from .train import TrainResult, keep_if_clearly_better, train_adapter, weight_soup
+from .train import TrainResult, keep_if_clearly_better, train_adapter, validation_values, weight_soup
 
 REPORT_MEASURES = ("nDCG@10", "R@10", "RR@10", "R@100")
 TRUSTED_QUERIES = 50  # fewer judged training + validation queries: the recipe warns that its figures are unreliable
@@ -187,6 +188,9 @@ def train(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig = Tra
                            time.perf_counter() - start, None, recipe)
     result = _train_adapters(workspace, plan, train_config, model_config, plain_train, validation_set, device, progress,
                              state_dir, resume)
+    if train_config.chooses_loss_averaging:
+        result, recipe["loss_averaging"] = _choose_loss_averaging(workspace, plan, train_config, model_config, plain_train,
+                                                                  validation_set, result, device, progress, state_dir, resume)
     recipe["trained"] = True
     if train_config.keep_only_if_better:
         result.model, recipe["acceptance"] = keep_if_clearly_better(result.model, IMRNN(model_config).eval(), validation_set,
@@ -219,6 +223,42 @@ def _train_adapters(workspace: Workspace, plan: SplitPlan, train_config: TrainCo
                              state_dir=None if state_dir is None else state_dir / f"member{i}", resume=resume)
                for i, member in enumerate(plan.validation_folds(train_config.validation_folds, train_config.seed))]
     return weight_soup(members)
+
+
+QUERY_BALANCED_STATE = "query-balanced"  # the state folder, inside the run's, of the query-balanced training
+
+
+def _choose_loss_averaging(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig, model_config: IMRNNConfig,
+                           plain_train: RankingSet, validation_set: RankingSet, pooled: TrainResult, device: str,
+                           progress: bool, state_dir: Path | None, resume: bool) -> tuple[TrainResult, dict]:
+    """`pooled` (adapters trained with the pooled margin loss) or the same training with the query-balanced loss,
+    chosen on validation: the query-balanced adapters only if their out-of-fold values beat the pooled ones' by more
+    than one paired standard error (the house rule where validation may not be able to tell), and a report."""
+    balanced_config = dataclasses.replace(train_config, query_balanced=True, choose_query_balanced=False)
+    balanced = _train_adapters(workspace, plan, balanced_config, model_config, plain_train, validation_set, device, progress,
+                               None if state_dir is None else state_dir / QUERY_BALANCED_STATE, resume)
+    values = {name: _out_of_fold_values(result, workspace, plan, train_config, plain_train, validation_set)
+              for name, result in (("pooled", pooled), ("query-balanced", balanced))}
+    keep_balanced = clearly_better(values["query-balanced"], values["pooled"])
+    report = {"chosen": "query-balanced" if keep_balanced else "pooled", "queries": len(values["pooled"]),
+              "rule": "the query-balanced loss only if its out-of-fold validation nDCG@10 beats the pooled loss's by "
+                      "more than one paired standard error",
+              "validation_nDCG@10": {name: float(v.mean()) for name, v in values.items()}}
+    return (balanced if keep_balanced else pooled), report
+
+
+def _out_of_fold_values(result: TrainResult, workspace: Workspace, plan: SplitPlan, train_config: TrainConfig,
+                        plain_train: RankingSet, validation_set: RankingSet) -> np.ndarray:
+    """Per-query validation nDCG@10 of what training kept, each query scored by the adapter early-stopped on it and
+    not trained on it: a weight soup's member on its own fold (in the order of `plan.validation_folds`), else the one
+    adapter on `plan.validation`."""
+    doc_embs, doc_ids = workspace.doc_embs, workspace.dataset.corpus.ids
+    if not result.members:
+        return validation_values(result.model, validation_set, doc_embs, doc_ids)
+    pooled = (plain_train, validation_set)
+    folds = plan.validation_folds(train_config.validation_folds, train_config.seed)
+    return np.concatenate([validation_values(member.model, select_queries(pooled, fold.validation.ids), doc_embs, doc_ids)
+                           for member, fold in zip(result.members, folds)])
 
 
 def _training_set(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig, plain: RankingSet) -> RankingSet:
@@ -314,7 +354,7 @@ def _state_dir(target: Path) -> Path:
 def _fit(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig, model_config: IMRNNConfig | None,
          state_dir: Path | None, device: str, resume: bool, progress: bool, log: Callable[[str], None]) -> TrainResult:
     """`train`, resumable through `state_dir` (None: no saved state), logging its outcome."""
-    if state_dir is not None and not resume and any(has_state(d) for d in (state_dir, *state_dir.glob("member*"))):
+    if state_dir is not None and not resume and any(has_state(d) for d in (state_dir, *state_dir.rglob("*"))):
         log(f"found the state of an interrupted training in {state_dir}; starting over (pass --resume to continue it)")
     trained = train(workspace, plan, train_config, model_config, device, progress, state_dir, resume)
     feedback = trained.recipe.get("feedback")
@@ -334,6 +374,12 @@ def _fit(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig, model
     if not trained.recipe.get("trained", True):
         log(f"no trained adapter: {trained.recipe['reason']}")
         return trained
+    averaging = trained.recipe.get("loss_averaging")
+    if averaging is not None:
+        scores = averaging["validation_nDCG@10"]
+        log(f"margin loss averaged {'per query' if averaging['chosen'] == 'query-balanced' else 'over pooled pairs'}: "
+            f"out-of-fold validation nDCG@10 on {averaging['queries']} queries, pooled {scores['pooled']:.4f}, "
+            f"query-balanced {scores['query-balanced']:.4f} (query-balanced only if better by more than one standard error)")
     if trained.members:
         folds = len(trained.members)
         log(f"trained {folds} adapters in {trained.seconds:.1f}s, each early-stopped on one of {folds} folds of the training "
