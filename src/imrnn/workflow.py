@@ -162,7 +162,9 @@ def train(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig = Tra
     """The recipe on `plan`: tune Rocchio feedback on the training and validation queries (the adapters' starting
     point), then train adapters from it (resumable with `state_dir`): with `validation_folds` > 1 (the default) one
     per fold of the training + validation queries, each early-stopped on its fold, their weights averaged; with 1, on
-    `plan.train`, early-stopped on `plan.validation`.
+    `plan.train`, early-stopped on `plan.validation`. With `choose_query_balanced` (the default) this is done with the
+    pooled and with the query-balanced margin loss, and the query-balanced adapters are kept only if out-of-fold
+    validation clearly prefers them.
 
     With fewer than `train_config.min_queries` judged training and validation queries nothing is trained: the result
     is the tuned feedback alone (the frozen retriever where feedback does not clearly help). Optional steps, off by
@@ -382,8 +384,9 @@ def _fit(workspace: Workspace, plan: SplitPlan, train_config: TrainConfig, model
             f"query-balanced {scores['query-balanced']:.4f} (query-balanced only if better by more than one standard error)")
     if trained.members:
         folds = len(trained.members)
-        log(f"trained {folds} adapters in {trained.seconds:.1f}s, each early-stopped on one of {folds} folds of the training "
-            "and validation queries and trained on the others, and kept the mean of their weights")
+        log(f"trained {folds} adapters{' per loss' if averaging else ''} in {trained.seconds:.1f}s, each early-stopped on "
+            f"one of {folds} folds of the training and validation queries and trained on the others, and kept the mean of "
+            "their weights")
         for i, member in enumerate(trained.members, 1):
             log(f"  adapter {i}: {_kept(member)}, validation nDCG@10 {member.best_validation:.4f} "
                 f"(start {member.history[0]['val_nDCG@10']:.4f})")
