@@ -279,7 +279,8 @@ def tables(results: dict) -> str:
     """The per-collection table and the summary over collections, as markdown."""
     lines = ["| collection (protocol, queries) | system | validation nDCG@10 | test nDCG@10 | rel. gain | paired t p "
              "| improved/worsened | unseen-relevant (queries) | train s |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
-    shown = [name for name in next(iter(results["collections"].values()))["systems"]]
+    systems = next(iter(results["collections"].values()))["systems"]
+    shown = ["base", *(name for name in systems if name != "base")]  # the collection's label goes on its first row
     for name, res in results["collections"].items():
         base = res["systems"]["base"]["test"]["adapted"]["nDCG@10"]
         for system in shown:

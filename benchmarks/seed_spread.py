@@ -4,6 +4,7 @@ Usage (from the repository root, after the README's install command):
     python benchmarks/seed_spread.py                          # seeds 42 43 44, all eight collections
     python benchmarks/seed_spread.py --seeds 42 43 --datasets npl cacm
     python benchmarks/seed_spread.py --set validation_folds=1 --output-dir benchmarks/results/one-adapter
+    python benchmarks/seed_spread.py --seeds 42 --per-collection  # also the full per-collection table of a seed
 
 Per seed, `all_collections.run_collection` with the default recipe (or the one `--set` makes of it), Rocchio and the
 linear adapter, the protocol of `all_collections.py`. A seed sets the folds of the cross-validated collections, the validation carve-out, the
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from all_collections import COLLECTIONS, DEFAULT_NAME, parse_setting, relative, run_collection
+from all_collections import tables as collection_tables
 from imrnn.config import IMRNNConfig, TrainConfig
 from imrnn.files import atomic_write_json
 
@@ -111,11 +113,18 @@ def main() -> None:
                         help="where collections-seed<S>.json go (and are resumed from)")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="TrainConfig fields that make the recipe under test from the default, e.g. validation_folds=1")
+    parser.add_argument("--per-collection", action="store_true",
+                        help="also print each seed's full table (validation and test nDCG@10, paired p, improved/worsened, "
+                             "unseen-relevant subset, training seconds), as all_collections.py does")
     args = parser.parse_args()
     settings = dict(parse_setting(item) for item in args.set)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     args.output_dir.mkdir(parents=True, exist_ok=True)
     by_seed = {seed: run_seed(seed, args.datasets, seed_file(args.output_dir, seed), settings) for seed in args.seeds}
+    if args.per_collection:
+        for seed, results in by_seed.items():
+            shown = {"collections": {name: results["collections"][name] for name in args.datasets}}
+            print(f"Seed {seed}:\n\n{collection_tables(shown)}\n")
     print(tables(by_seed, args.datasets))
 
 

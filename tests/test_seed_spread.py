@@ -61,3 +61,37 @@ def test_a_seed_file_is_resumed_collection_by_collection_and_another_recipe_is_r
     assert seed_spread.run_seed(7, ["a"], path, {"validation_folds": 1})["collections"]["a"]["queries"] == 60
     with pytest.raises(SystemExit, match="another recipe"):
         seed_spread.run_seed(7, ["a"], path)  # the default soup is not what that file holds
+
+
+def full_system(ndcg: float, improved: int = 0, worsened: int = 0) -> dict:
+    """A system's record as run_collection writes it, with what the per-collection table reads."""
+    return {"test": {"adapted": {"nDCG@10": ndcg}, "p_value": {"nDCG@10": 0.01}, "improved": improved,
+                     "worsened": worsened}, "unseen_relevant": {"queries": 4, "adapted": ndcg - 0.1},
+            "validation_nDCG@10": ndcg + 0.05, "train_seconds": 12.4}
+
+
+def test_per_collection_prints_each_seeds_full_table_from_its_file(tmp_path, monkeypatch, capsys):
+    record = {"queries": 60, "protocol": "5-fold CV",
+              "systems": {"base": full_system(0.5), "Rocchio": full_system(0.5), "linear adapter": full_system(0.5),
+                          "default recipe": full_system(0.55, improved=9, worsened=2)}}
+    seed_spread.seed_file(tmp_path, 7).write_text(json.dumps(results(7, a=record)))
+    monkeypatch.setattr(sys, "argv", ["seed_spread.py", "--seeds", "7", "--datasets", "a", "--output-dir", str(tmp_path),
+                                      "--per-collection"])
+    monkeypatch.setattr(seed_spread, "COLLECTIONS", ("a",))
+    seed_spread.main()  # nothing is run: the seed file holds the collection
+    out = capsys.readouterr().out
+    assert "Seed 7:" in out
+    rows = [line for line in out.splitlines() if line.startswith("| a (5-fold CV, 60) | base |")]
+    assert len(rows) == 1  # the label on the collection's first row, the frozen retriever's
+    assert "|  | default recipe | 0.6000 | 0.5500 | +10.0% | 1.0e-02 | 9/2 | 0.4500 (4) | 12 |" in out
+    assert "| 7 | +10.00% | none | none | 1/1 | 1/1 |" in out  # the summary over seeds still follows
+
+
+def test_a_seed_file_from_before_the_loss_choice_holds_the_pooled_loss(tmp_path):
+    path = seed_spread.seed_file(tmp_path, 7)
+    old = results(7, a=collection(60, 0.5, 0.5, 0.5, 0.55))
+    del old["recipe"]["choose_query_balanced"]
+    path.write_text(json.dumps(old))
+    assert seed_spread.run_seed(7, ["a"], path, {"choose_query_balanced": False})["collections"]["a"]["queries"] == 60
+    with pytest.raises(SystemExit, match="another recipe"):
+        seed_spread.run_seed(7, ["a"], path)
