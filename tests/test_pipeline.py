@@ -61,6 +61,21 @@ def test_epoch_ranges_collapse_consecutive_epochs():
     assert epoch_ranges([3]) == "3" and epoch_ranges([0, 2, 3]) == "0, 2-3"
 
 
+def test_the_output_says_which_margin_loss_validation_chose_and_the_flag_turns_the_choice_off(trained, tmp_path):
+    data, cache, _ = trained
+    common = ["train", "--dataset", str(data), "--cache-dir", str(cache), "--epochs", "1", "--seed", "3",
+              "--validation-fraction", "0.3", "--min-queries", "0"]
+    chosen = runner.invoke(app, [*common, "--output", str(tmp_path / "chosen")])
+    assert chosen.exit_code == 0, chosen.output
+    assert re.search(r"margin loss averaged (over pooled pairs|per query): out-of-fold validation nDCG@10 on 4 queries, "
+                     r"pooled \d\.\d{4}, query-balanced \d\.\d{4}", chosen.output)
+    assert "trained 3 adapters per loss in" in chosen.output
+    pooled = runner.invoke(app, [*common, "--output", str(tmp_path / "pooled"), "--no-choose-query-balanced"])
+    assert pooled.exit_code == 0, pooled.output
+    assert "margin loss averaged" not in pooled.output and "trained 3 adapters in" in pooled.output
+    assert "loss_averaging" not in json.loads((tmp_path / "pooled" / "config.json").read_text())["recipe"]
+
+
 def test_too_few_queries_train_nothing_and_say_so(trained, tmp_path):
     """Under `min_queries` judged training + validation queries (default 30) the checkpoint is the tuned feedback
     (or the frozen retriever), never an adapter fitted to a handful of queries; the output and the checkpoint say so."""
