@@ -31,6 +31,7 @@ import crash_worker
 from imrnn.checkpoint import load_checkpoint
 from imrnn.cli import app
 from imrnn.encode import Encoder, EncoderConfig, encode_cached
+from imrnn.workflow import QUERY_BALANCED_STATE
 
 REPEAT = int(os.environ.get("IMRNN_CRASH_REPEAT", "1"))
 BASE_SEED = int(os.environ.get("IMRNN_CRASH_SEED", random.SystemRandom().randrange(2**31)))
@@ -182,8 +183,8 @@ def assert_state_folder_is_clean(state: Path, note: str) -> None:
     for folder in state.iterdir():
         if folder.name.startswith(".tmp-"):
             continue
-        if re.fullmatch(r"member\d+", folder.name):  # one member of a weight soup: a state folder of its own
-            assert_state_folder_is_clean(folder, note)
+        if re.fullmatch(r"member\d+", folder.name) or folder.name == QUERY_BALANCED_STATE:
+            assert_state_folder_is_clean(folder, note)  # a soup member, or the other loss's soup: state folders of their own
             continue
         if folder.name == "snapshots":
             for snapshot in folder.iterdir():
@@ -269,13 +270,14 @@ def test_cli_train_killed_then_resumed_gives_the_same_checkpoint(repeat, tmp_pat
     assert not (tmp_path / "reference.state").exists()  # removed once the checkpoint is written
 
     output, state = tmp_path / "ckpt", tmp_path / "ckpt.state"
-    epoch, delay = rng.randint(1, 3 * epochs - 1), rng.uniform(0.0, 0.3)  # the default trains a soup of three members
+    # the default trains a soup of three members for each of the two losses, the second in `query-balanced/`
+    epoch, delay = rng.randint(1, 6 * epochs - 1), rng.uniform(0.0, 0.3)
     note += f" kill after {epoch} saved epochs + {delay:.3f}s"
     proc = subprocess.Popen([str(Path(sys.executable).with_name("imrnn")), *common, "--output", str(output)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, start_new_session=True)
 
-    def saved_epoch() -> int:  # summed over the soup's members, each training in its own state folder
-        members = sorted(state.glob("member*")) if state.is_dir() else []
+    def saved_epoch() -> int:  # summed over both soups' members, each training in its own state folder
+        members = [*state.glob("member*"), *state.glob(f"{QUERY_BALANCED_STATE}/member*")] if state.is_dir() else []
         return sum(max((int(p.name.split("-")[1]) for p in member.glob("epoch-*")), default=0) for member in members)
 
     wait_until(proc, lambda: saved_epoch() >= epoch, note)
